@@ -1,0 +1,3 @@
+"""loraforge: governed, evaluated LoRA adapters on open models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from loraforge.cli import main
+
+main()

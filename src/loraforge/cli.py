@@ -1,0 +1,207 @@
+"""The ``loraforge`` command: a table of plain typed functions; each docstring is its ``--help``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from loraforge.errors import ConfigError, LoraforgeError
+
+app = typer.Typer(
+    name="loraforge",
+    help="Governed, evaluated LoRA fine-tuning on open models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Check datasets before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+Home = Annotated[
+    Path | None, typer.Option("--home", help="State directory (default: $LORAFORGE_HOME or ~/.loraforge).")
+]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _cache(home: Path | None) -> Path:
+    from loraforge.home import model_cache_dir
+
+    return model_cache_dir(home)
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[Path, typer.Argument(help="Dataset file: .jsonl, .json or .csv.")],
+    format: Annotated[str, typer.Option(help="auto, chat, alpaca, completion or csv.")] = "auto",
+    columns: Annotated[
+        str | None, typer.Option(help="CSV column mapping, e.g. user=question,assistant=answer.")
+    ] = None,
+    base_model: Annotated[str, typer.Option(help="Model whose tokenizer and template measure lengths.")] = "",
+    context_length: Annotated[int, typer.Option(help="Longest example in tokens.")] = 1024,
+    overlong: Annotated[str, typer.Option(help="truncate or drop examples over the context.")] = "truncate",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary and problems as JSON.")] = False,
+    home: Home = None,
+) -> None:
+    """Report every problem of a dataset at once (file:line: field: message); exit 1 if it cannot be trained on."""
+    from loraforge.data.formats import FORMATS, parse_columns
+    from loraforge.data.validate import check_dataset
+    from loraforge.models.sources import DEFAULT_BASE_MODEL, load_tokenizer, resolve_base_model
+
+    if format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if overlong not in ("truncate", "drop"):
+        raise ConfigError(f"--overlong must be truncate or drop, got {overlong!r}")
+    _quiet_libraries()
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(resolve_base_model(base_model or DEFAULT_BASE_MODEL, _cache(home)))
+    except LoraforgeError as e:
+        err_console.print(f"[yellow]warning[/]: token lengths not checked: {e}")
+    report = check_dataset(
+        path,
+        tokenizer,
+        format=format,  # type: ignore[arg-type]
+        columns=parse_columns(columns),
+        max_length=context_length,
+        overlong=overlong,  # type: ignore[arg-type]
+    )
+    if as_json:
+        payload = {
+            "ok": report.ok,
+            "summary": report.summary(),
+            "problems": [vars(p) for p in report.problems],
+        }
+        console.print_json(json.dumps(payload))
+    else:
+        from loraforge._cli_output import show_data_report
+
+        show_data_report(console, report)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def train(
+    data: Annotated[str | None, typer.Option(help="Training dataset (JSONL, JSON or CSV).")] = None,
+    output: Annotated[str | None, typer.Option(help="Directory for the adapter and its evidence.")] = None,
+    validation: Annotated[str | None, typer.Option(help="Validation dataset (default: hold out 10%).")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Packaged model name or local HF directory.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file; any option below can be set in it.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (instead of --epochs).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data (default: suggested).")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scale = alpha / r).")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="Dropout on the LoRA input.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    format: Annotated[str | None, typer.Option(help="auto, chat, alpaca, completion or csv.")] = None,
+    columns: Annotated[str | None, typer.Option(help="CSV column mapping.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32.")] = None,
+    batch_rows: Annotated[int | None, typer.Option(help="Packed rows per micro-batch.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per packed row.")] = None,
+    context_length: Annotated[int | None, typer.Option(help="Longest example in tokens (default: seq_len).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Validation every N steps.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: never).")] = None,
+    price_per_hour: Annotated[float | None, typer.Option(help="Machine price per hour for the cost.")] = None,
+    use_rslora: Annotated[bool, typer.Option("--use-rslora", help="Rank-stabilised LoRA scaling.")] = False,
+    use_dora: Annotated[bool, typer.Option("--use-dora", help="Weight-decomposed LoRA (DoRA).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    home: Home = None,
+) -> None:
+    """Train a LoRA adapter; writes a PEFT directory with manifest.json, metrics.jsonl and loss.png."""
+    from loraforge._cli_output import RichReporter
+    from loraforge.train import load_config
+    from loraforge.train import train as run_training
+
+    if max_steps is not None and epochs is not None:
+        raise ConfigError("give either --max-steps or --epochs, not both")
+    overrides = {
+        "data": data,
+        "output": output,
+        "validation": validation,
+        "base_model": base_model,
+        "max_steps": max_steps,
+        "epochs": epochs,
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "format": format,
+        "columns": columns,
+        "precision": precision,
+        "batch_rows": batch_rows,
+        "seq_len": seq_len,
+        "grad_accum": grad_accum,
+        "context_length": context_length,
+        "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+        "price_per_hour": price_per_hour,
+        "use_rslora": use_rslora or None,
+        "use_dora": use_dora or None,
+        "resume": resume or None,
+    }
+    cfg = load_config(config, overrides)
+    if max_steps is not None:
+        cfg.epochs = None
+    _quiet_libraries()
+    run_training(cfg, model_cache=_cache(home), reporter=RichReporter(console))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="The user message.")],
+    adapter: Annotated[Path | None, typer.Option(help="A trained adapter directory.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base model (default: the adapter's).")] = None,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
+    home: Home = None,
+) -> None:
+    """Answer one prompt with a base model or an adapter (greedy), for a quick look."""
+    from loraforge.models.generate import load_chat_model
+    from loraforge.models.sources import DEFAULT_BASE_MODEL
+
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
+    _quiet_libraries()
+    model = load_chat_model(
+        _cache(home), adapter=adapter, base_model=base_model or (None if adapter else DEFAULT_BASE_MODEL)
+    )
+    console.print(model.chat(prompt, system=system, max_new_tokens=max_new_tokens), highlight=False)
+
+
+def main() -> None:
+    """Entry point: run the app; a LoraforgeError becomes one clear line and exit status 1."""
+    try:
+        app()
+    except LoraforgeError as e:
+        err_console.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""``make demo``: the main job end to end on the embedded default model.
+
+Checks the bundled sample dataset, trains a LoRA adapter on SmolLM2-135M-Instruct, compares base
+and tuned answers on held-out questions, and prints where everything is. Each step is the same
+public function the CLI calls; the equivalent commands are printed as it goes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+
+from loraforge.errors import LoraforgeError
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def run(console: Console) -> int:
+    from loraforge._cli_output import RichReporter, show_data_report
+    from loraforge.cli import _quiet_libraries
+    from loraforge.data.formats import load_dataset
+    from loraforge.data.validate import check_dataset
+    from loraforge.home import model_cache_dir, resolve_home
+    from loraforge.models.generate import load_chat_model
+    from loraforge.models.sources import DEFAULT_BASE_MODEL, load_tokenizer, resolve_base_model
+    from loraforge.train import TrainConfig, train
+
+    _quiet_libraries()
+    home = resolve_home()
+    cache = model_cache_dir()
+    out_root = Path(os.environ.get("DEMO_OUT", "runs/demo")).resolve()
+    output = out_root / time.strftime("adapter-%Y%m%d-%H%M%S")
+    data, holdout = SAMPLES / "support.jsonl", SAMPLES / "support_holdout.jsonl"
+
+    console.print(Rule("1. check the sample dataset"))
+    console.print(f"$ loraforge data check {data}")
+    base = resolve_base_model(DEFAULT_BASE_MODEL, cache)
+    tokenizer = load_tokenizer(base)
+    report = check_dataset(data, tokenizer)
+    show_data_report(console, report)
+    if not report.ok:
+        return 1
+
+    console.print(Rule("2. train a LoRA adapter on the default base model"))
+    epochs = float(os.environ.get("DEMO_EPOCHS", "2"))
+    console.print(f"$ loraforge train --data {data} --validation {holdout} --epochs {epochs:g} --output {output}")
+    config = TrainConfig(data=str(data), validation=str(holdout), output=str(output), epochs=epochs, eval_every=20)
+    result = train(config, model_cache=cache, reporter=RichReporter(console))
+
+    console.print(Rule("3. base vs tuned on held-out questions"))
+    examples = load_dataset(holdout).examples
+    picks = [examples[i] for i in (0, len(examples) // 2, len(examples) - 1)]
+    base_model = load_chat_model(cache, base_model=DEFAULT_BASE_MODEL)
+    tuned = load_chat_model(cache, adapter=output)
+    for ex in picks:
+        system = next((m.content for m in ex.messages if m.role == "system"), None)
+        question = next(m.content for m in ex.messages if m.role == "user")
+        reference = next(m.content for m in ex.messages if m.role == "assistant")
+        table = Table(title=f"Q: {question}", title_justify="left", show_header=False, expand=True)
+        table.add_column(width=10)
+        table.add_column()
+        table.add_row("[dim]base", base_model.chat(question, system=system, max_new_tokens=80))
+        table.add_row("[bold green]tuned", tuned.chat(question, system=system, max_new_tokens=80))
+        table.add_row("[dim]reference", reference)
+        console.print(table)
+
+    console.print(Rule("results"))
+    manifest = json.loads((output / "manifest.json").read_text())
+    console.print(f"base model:  {base.name} (sha256 {base.sha256[:16]}…, cached in {base.path})")
+    console.print(f"validation loss: {manifest['metrics']['final_val_loss']}")
+    console.print(f"adapter (PEFT):  {output}")
+    console.print(f"manifest:        {output / 'manifest.json'}")
+    console.print(f"metrics:         {output / 'metrics.jsonl'}")
+    console.print(f"loss curve:      {output / 'loss.png'}")
+    console.print(f"home:            {home}")
+    console.print(f'try it:          loraforge generate --adapter {output} --prompt "Can I return a bike?"')
+    del result
+    return 0
+
+
+def main() -> None:
+    console = Console()
+    try:
+        sys.exit(run(console))
+    except LoraforgeError as e:
+        console.print(f"[red]error[/]: {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

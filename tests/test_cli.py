@@ -1,0 +1,75 @@
+"""The CLI as a user meets it: exit codes, one-line errors, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLES, chat
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loraforge", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_data_check_ok_on_sample() -> None:
+    r = _run("data", "check", str(SAMPLES / "support.jsonl"))
+    assert r.returncode == 0, r.stderr
+    assert "OK: ready to train" in r.stdout and "suggested epochs" in r.stdout
+
+
+def test_data_check_lists_every_problem_and_exits_1(tmp_path: Path) -> None:
+    good = [json.dumps(chat(f"q{i}", f"a{i}")) for i in range(12)]
+    bad = ['{"messages": [{"role": "robot", "content": "x"}]}', "{oops", '{"messages": []}']
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(good[:5] + bad + good[5:]) + "\n")
+    r = _run("data", "check", str(path), "--json")
+    assert r.returncode == 1
+    payload = json.loads(r.stdout)
+    assert not payload["ok"]
+    assert [(p["line"], p["code"]) for p in payload["problems"] if p["severity"] == "error"] == [
+        (6, "unrecognized_role"),
+        (7, "invalid_json"),
+        (8, "missing_messages_list"),
+    ]
+    human = _run("data", "check", str(path))
+    assert f"{path}:6: messages[0].role: role 'robot'" in human.stdout.replace("\n", "")
+    assert "Traceback" not in human.stdout + human.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--output", "x"], "no training data"),
+        (
+            ["train", "--data", "a", "--output", "b", "--max-steps", "3", "--epochs", "2"],
+            "either --max-steps or --epochs",
+        ),
+        (["train", "--data", "a", "--output", "b", "--lora-r", "0"], "lora_r must be > 0"),
+        (["train", "--data", "a", "--output", "b", "--base-model", "gpt-9"], "neither a known model"),
+        (["generate", "--prompt", "hi", "--adapter", "/nonexistent"], "does not exist"),
+        (["data", "check", "/nonexistent.jsonl"], "no such file"),
+    ],
+)
+def test_user_mistakes_get_one_clear_line(args: list[str], needle: str) -> None:
+    r = _run(*args)
+    assert r.returncode == 1
+    out = (r.stdout + r.stderr).replace("\n", " ")
+    assert needle in out
+    assert "Traceback" not in out
+
+
+def test_train_config_unknown_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: a.jsonl\noutput: o\nepocs: 3\n")
+    r = _run("train", "--config", str(cfg))
+    assert r.returncode == 1 and "did you mean 'epochs'" in r.stderr.replace("\n", " ")
+
+
+def test_generate_with_tiny_adapter_free_base(tiny_model_dir: Path) -> None:
+    r = _run("generate", "--base-model", str(tiny_model_dir), "--prompt", "Hello", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr

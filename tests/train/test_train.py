@@ -1,0 +1,277 @@
+"""Training on a tiny random Llama: the files it writes, PEFT interop, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.train import TrainConfig, train
+from tests.conftest import SAMPLES, chat
+
+
+def _records(n: int = 40) -> list[dict[str, object]]:
+    topics = ["returns", "shipping", "warranty", "rentals", "repairs"]
+    return [
+        chat(
+            f"Tell me about {topics[i % 5]} for order {i}.",
+            f"Our {topics[i % 5]} policy is simple: item {i % 7}.",
+        )
+        for i in range(n)
+    ]
+
+
+def _config(tmp_path: Path, data: Path, tiny: Path, **kw: object) -> TrainConfig:
+    values: dict[str, object] = {
+        "data": str(data),
+        "output": str(tmp_path / "out"),
+        "base_model": str(tiny),
+        "max_steps": 6,
+        "seq_len": 256,
+        "context_length": 256,
+        "batch_rows": 2,
+        "eval_every": 3,
+        "checkpoint_every": 0,
+        "learning_rate": 5e-3,
+        "seed": 7,
+    }
+    values.update(kw)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+def test_training_writes_peft_adapter_manifest_metrics_and_plot(
+    tmp_path: Path,
+    write_jsonl,
+    tiny_model_dir: Path,
+    model_cache: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg = _config(tmp_path, write_jsonl(_records()), tiny_model_dir, max_steps=12, eval_every=4)
+    result = train(cfg, model_cache=model_cache)
+    out = result.output
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+        "metrics.jsonl",
+        "loss.png",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(train_losses) == 12
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8, 12]
+    assert sum(train_losses[-3:]) < sum(train_losses[:3])  # it learns
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["base_model"]["sha256"] and m["base_model"]["source"] == "local-dir"
+    assert m["datasets"][0]["sha256"] and m["datasets"][0]["examples"] == 40
+    assert m["config"]["lora_r"] == 16 and m["config"]["max_steps"] == 12
+    assert m["metrics"]["final_train_loss"] == train_losses[-1]
+    assert {"torch", "transformers", "peft", "accelerate"} <= set(m["libraries"])
+    assert m["actual"]["tokens"] > 0 and m["estimate"]["seconds"] > 0 and "cost" in m
+    assert m["split"] == {
+        "train_examples": 36,
+        "validation_examples": 4,
+        "validation": "held out 10% (seed 7)",
+    }
+    # no pickle anywhere in the output
+    assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pt", ".pkl"}]
+
+
+def test_adapter_loads_in_plain_peft_with_equal_logits(
+    tmp_path: Path,
+    write_jsonl,
+    tiny_model_dir: Path,
+    model_cache: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.models.generate import load_chat_model
+
+    cfg = _config(tmp_path, write_jsonl(_records()), tiny_model_dir, max_steps=4)
+    out = train(cfg, model_cache=model_cache).output
+    ids = torch.tensor([[1, 520, 33, 4096, 77, 2, 1, 9]])
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out)).eval()
+    ours = load_chat_model(model_cache, adapter=out).model
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        a = plain(input_ids=ids).logits
+        b = ours(input_ids=ids).logits
+        c = base(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert (a - c).abs().max() > 1e-3  # the adapter is not a no-op
+
+
+def test_rslora_dora_and_targets(tmp_path: Path, write_jsonl, tiny_model_dir: Path, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = _config(
+        tmp_path,
+        write_jsonl(_records()),
+        tiny_model_dir,
+        max_steps=2,
+        use_rslora=True,
+        use_dora=True,
+        target_modules=["q_proj", "v_proj"],
+    )
+    out = train(cfg, model_cache=model_cache).output
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["use_rslora"] and adapter_cfg["use_dora"]
+    assert sorted(adapter_cfg["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_rising_validation_loss_warns(tmp_path: Path, write_jsonl, tiny_model_dir: Path, model_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    train_path = write_jsonl([chat(f"Say the code {i}", "alpha beta gamma") for i in range(20)], "t.jsonl")
+    val_path = write_jsonl([chat(f"Say the code {i}", "zeta eta theta iota") for i in range(5)], "v.jsonl")
+    cfg = _config(
+        tmp_path,
+        train_path,
+        tiny_model_dir,
+        validation=str(val_path),
+        max_steps=12,
+        eval_every=2,
+        learning_rate=2e-2,
+    )
+    result = train(cfg, model_cache=model_cache)
+    assert any("validation loss rose" in w for w in result.warnings)
+    assert json.loads((result.output / "manifest.json").read_text())["warnings"] == result.warnings
+
+
+def test_refuses_bad_data_and_reused_output(
+    tmp_path: Path, write_jsonl, tiny_model_dir: Path, model_cache: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from loraforge.errors import CheckpointError, DataError
+
+    bad = write_jsonl([*_records(12), {"messages": "nope"}], "bad.jsonl")
+    with pytest.raises(DataError, match=r"bad\.jsonl:13: messages"):
+        train(_config(tmp_path, bad, tiny_model_dir), model_cache=model_cache)
+    good = write_jsonl(_records(), "good.jsonl")
+    train(_config(tmp_path, good, tiny_model_dir, max_steps=1), model_cache=model_cache)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(_config(tmp_path, good, tiny_model_dir, max_steps=1), model_cache=model_cache)
+
+
+_KILLER = """
+import os, signal, sys
+import loraforge.train.loop as loop
+from loraforge import _atomic
+real_save = loop.save_checkpoint
+def save(output, step, *a, **k):
+    if step == int(os.environ["KILL_INSIDE_STEP"]):
+        # die half-way through writing this checkpoint: adapter written, rename never happens
+        real_rename = _atomic.os.replace
+        def boom(src, dst):
+            os.kill(os.getpid(), signal.SIGKILL)
+        _atomic.os.replace = boom
+    return real_save(output, step, *a, **k)
+loop.save_checkpoint = save
+from loraforge.cli import main
+sys.argv = ["loraforge", *sys.argv[1:]]
+main()
+"""
+
+
+def test_resume_after_sigkill_matches_straight_run(
+    tmp_path: Path,
+    write_jsonl,
+    tiny_model_dir: Path,
+    model_cache: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    data = write_jsonl(_records())
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--base-model",
+        str(tiny_model_dir),
+        "--max-steps",
+        "8",
+        "--seq-len",
+        "256",
+        "--batch-rows",
+        "2",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--learning-rate",
+        "0.005",
+        "--seed",
+        "3",
+        "--lora-dropout",
+        "0.1",
+    ]
+    env = {**os.environ, "KILL_INSIDE_STEP": "6"}
+    straight = tmp_path / "straight"
+    subprocess.run(
+        [sys.executable, "-m", "loraforge", *args, "--output", str(straight)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _KILLER, *args, "--output", str(killed)], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    ckpts = killed / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == [
+        "step-000002",
+        "step-000004",
+    ]
+    assert any(p.name.startswith(".tmp-step-000006") for p in ckpts.iterdir())  # the half-written one
+    assert not (killed / "manifest.json").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "loraforge", *args, "--output", str(killed), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at step 4 of 8" in resumed.stdout
+    a = load_file(str(straight / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 9))
+    assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
+
+
+def test_resume_refuses_other_run_and_missing_checkpoint(
+    tmp_path: Path,
+    write_jsonl,
+    tiny_model_dir: Path,
+    model_cache: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    from loraforge.errors import CheckpointError
+
+    data = write_jsonl(_records())
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train(_config(tmp_path, data, tiny_model_dir, resume=True), model_cache=model_cache)
+    train(_config(tmp_path, data, tiny_model_dir, max_steps=4, checkpoint_every=2), model_cache=model_cache)
+    with pytest.raises(CheckpointError, match="different data or settings"):
+        train(
+            _config(tmp_path, data, tiny_model_dir, max_steps=4, checkpoint_every=2, lora_r=4, resume=True),
+            model_cache=model_cache,
+        )
+
+
+def test_sample_dataset_is_valid_and_licensed(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    from loraforge.data.validate import check_dataset
+
+    for name, n in (("support.jsonl", 220), ("support_holdout.jsonl", 30)):
+        report = check_dataset(SAMPLES / name, tokenizer)
+        assert len(report.examples) == n
+        assert not report.errors
+        manifest = yaml.safe_load((SAMPLES / name.replace(".jsonl", ".manifest.yaml")).read_text())
+        assert manifest["sources"][0]["path"] == name and manifest["sources"][0]["license"]
