@@ -73,3 +73,23 @@ def test_train_config_unknown_key(tmp_path: Path) -> None:
 def test_generate_with_tiny_adapter_free_base(tiny_model_dir: Path) -> None:
     r = _run("generate", "--base-model", str(tiny_model_dir), "--prompt", "Hello", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
+
+
+def test_markup_like_text_in_data_is_printed_verbatim(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    records = [chat(f"q{i}", f"a{i}") for i in range(10)] + [
+        {"messages": [{"role": "[/bold]", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = _run("data", "check", str(path))
+    assert r.returncode == 1
+    out = r.stdout.replace("\n", "")
+    assert "role '[/bold]' is not one of" in out and "[unrecognized_role]" in out
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_output_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    r = _run("train", "--data", str(SAMPLES / "support.jsonl"), "--output", str(target), "--max-steps", "1")
+    assert r.returncode == 1 and "is a file" in r.stderr.replace("\n", " ")

@@ -10,6 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -30,6 +36,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -62,6 +69,7 @@ def atomic_directory(final: str | Path, *, replace: bool = False) -> Iterator[Pa
         raise FileExistsError(f"{final} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         for root, _dirs, files in os.walk(tmp):
             for name in files:
@@ -80,9 +88,9 @@ def atomic_directory(final: str | Path, *, replace: bool = False) -> Iterator[Pa
         raise
 
 
-def remove_stale_temporaries(directory: str | Path) -> None:
-    """Delete ``.tmp-*`` leftovers of writes that were killed part-way."""
+def remove_stale_temporaries(directory: str | Path, name: str = "") -> None:
+    """Delete ``.tmp-NAME*`` leftovers of writes that were killed part-way (all of them by default)."""
     directory = Path(directory)
     if directory.is_dir():
-        for child in directory.glob(".tmp-*"):
+        for child in directory.glob(f".tmp-{name}*"):
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,9 +27,9 @@ def _duration(seconds: float) -> str:
 def show_data_report(console: Console, report: DataReport) -> None:
     for p in report.problems:
         style = "red" if p.severity == "error" else "yellow"
-        console.print(f"[{style}]{p.severity}[/]: {p}", highlight=False, soft_wrap=True)
+        console.print(f"[{style}]{p.severity}[/]: {escape(str(p))}", highlight=False, soft_wrap=True)
     s = report.summary()
-    table = Table(title=f"{report.path} ({s['format']})", show_header=False, title_justify="left")
+    table = Table(title=escape(f"{report.path} ({s['format']})"), show_header=False, title_justify="left")
     table.add_row("examples", f"{s['examples']} parsed, {s['usable_examples']} usable")
     table.add_row("messages", ", ".join(f"{k}: {v}" for k, v in sorted(s["messages"].items())))
     if s["untrained_assistant_messages"]:
@@ -104,7 +105,7 @@ class RichReporter(Reporter):
         )
 
     def warning(self, message: str) -> None:
-        self.console.print(f"[yellow]warning[/]: {message}")
+        self.console.print(f"[yellow]warning[/]: {escape(message)}")
 
     def finish(self, result: TrainResult) -> None:
         if self.progress is not None:

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from loraforge.errors import ConfigError, LoraforgeError
 
@@ -77,7 +78,7 @@ def data_check(
     try:
         tokenizer = load_tokenizer(resolve_base_model(base_model or DEFAULT_BASE_MODEL, _cache(home)))
     except LoraforgeError as e:
-        err_console.print(f"[yellow]warning[/]: token lengths not checked: {e}")
+        err_console.print(f"[yellow]warning[/]: token lengths not checked: {escape(str(e))}")
     report = check_dataset(
         path,
         tokenizer,
@@ -163,8 +164,10 @@ def train(
         "resume": resume or None,
     }
     cfg = load_config(config, overrides)
-    if max_steps is not None:
+    if max_steps is not None:  # a flag beats the YAML, whichever of the two the YAML set
         cfg.epochs = None
+    if epochs is not None:
+        cfg.max_steps = None
     _quiet_libraries()
     run_training(cfg, model_cache=_cache(home), reporter=RichReporter(console))
 
@@ -196,7 +199,7 @@ def main() -> None:
     try:
         app()
     except LoraforgeError as e:
-        err_console.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")

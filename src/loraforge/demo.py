@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 
@@ -90,7 +91,7 @@ def main() -> None:
     try:
         sys.exit(run(console))
     except LoraforgeError as e:
-        console.print(f"[red]error[/]: {e}")
+        console.print(f"[red]error[/]: {escape(str(e))}")
         sys.exit(1)
 
 

@@ -168,3 +168,12 @@ def test_parse_columns() -> None:
     assert parse_columns("user=q, assistant=a") == {"user": "q", "assistant": "a"}
     with pytest.raises(ConfigError, match="FIELD=COLUMN"):
         parse_columns("user")
+
+
+def test_directory_long_csv_fields_and_deep_json(tmp_path: Path) -> None:
+    assert [p.code for p in load_dataset(tmp_path).errors] == ["not_a_file"]
+    long = "x" * 200_000
+    ok = load_dataset(_write(tmp_path, "l.csv", f"prompt,completion\nq,{long}\n"))
+    assert not ok.problems and ok.examples[0].messages[1].content == long
+    deep = load_dataset(_write(tmp_path, "deep.jsonl", "[" * 100_000 + "\n"))
+    assert [p.code for p in deep.errors] == ["invalid_json"]

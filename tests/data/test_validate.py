@@ -46,3 +46,11 @@ def test_overlong_examples_are_counted(write_jsonl, tokenizer) -> None:  # type:
     # the first long one loses every trained token to truncation, so it is dropped
     assert (truncated.truncated, truncated.dropped) == (1, 1)
     assert [p.line for p in truncated.warnings if p.code == "too_long"] == [11, 12]
+
+
+def test_everything_dropped_is_refused(write_jsonl, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    records = [chat(f"q{i} " + "long " * 200, f"a{i}") for i in range(12)]
+    report = check_dataset(write_jsonl(records), tokenizer, max_length=64, overlong="drop")
+    assert not report.ok
+    assert [p.code for p in report.errors] == ["too_few_examples"]
+    assert "left after applying the context length" in report.errors[0].message

@@ -86,3 +86,15 @@ def test_invalid_values(kwargs: dict[str, object], needle: str) -> None:
 def test_missing_data_and_output() -> None:
     with pytest.raises(ConfigError, match="--data PATH"):
         TrainConfig().require_paths()
+
+
+def test_yaml_scientific_notation_and_home_paths(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("data: ~/d.jsonl\noutput: o\nlearning_rate: 2e-4\ntarget_modules: q_proj, v_proj\n")
+    cfg = load_config(p, {})
+    assert cfg.learning_rate == 2e-4
+    assert not cfg.data.startswith("~")
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    p.write_text("epochs: .inf\n")
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config(p, {})

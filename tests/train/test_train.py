@@ -257,6 +257,12 @@ def test_resume_refuses_other_run_and_missing_checkpoint(
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         train(_config(tmp_path, data, tiny_model_dir, resume=True), model_cache=model_cache)
     train(_config(tmp_path, data, tiny_model_dir, max_steps=4, checkpoint_every=2), model_cache=model_cache)
+    with pytest.raises(CheckpointError, match="finished run"):
+        train(
+            _config(tmp_path, data, tiny_model_dir, max_steps=4, checkpoint_every=2, resume=True),
+            model_cache=model_cache,
+        )
+    (tmp_path / "out" / "manifest.json").unlink()  # as if killed after the checkpoint at step 2
     with pytest.raises(CheckpointError, match="different data or settings"):
         train(
             _config(tmp_path, data, tiny_model_dir, max_steps=4, checkpoint_every=2, lora_r=4, resume=True),
@@ -275,3 +281,44 @@ def test_sample_dataset_is_valid_and_licensed(tokenizer) -> None:  # type: ignor
         assert not report.errors
         manifest = yaml.safe_load((SAMPLES / name.replace(".jsonl", ".manifest.yaml")).read_text())
         assert manifest["sources"][0]["path"] == name and manifest["sources"][0]["license"]
+
+
+def test_bf16_base_keeps_lora_and_optimizer_in_fp32(
+    tmp_path: Path,
+    write_jsonl,
+    tiny_model_dir: Path,
+    model_cache: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    from loraforge.models.packed_attention import register_packed_attention
+    from loraforge.models.sources import load_model, resolve_base_model
+    from loraforge.train.lora import add_lora, resolve_precision
+
+    model = load_model(
+        resolve_base_model(str(tiny_model_dir), model_cache),
+        dtype=resolve_precision("bf16", torch.device("cpu")),
+        attn_implementation=register_packed_attention(),
+    )
+    peft_model = add_lora(
+        model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", use_rslora=False, use_dora=False
+    )
+    frozen = {p.dtype for p in peft_model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in peft_model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+    cfg = _config(tmp_path, write_jsonl(_records()), tiny_model_dir, max_steps=2, precision="bf16", grad_accum=2)
+    result = train(cfg, model_cache=model_cache)
+    assert result.manifest["precision"] == {"base": "bfloat16", "adapter": "float32", "optimizer": "float32"}
+    saved = load_file(str(result.output / "adapter_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    # two micro-batches per step: twice the tokens of a grad_accum=1 step
+    steps = [json.loads(x) for x in (result.output / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0]["tokens"] > 256
+
+
+def test_auto_precision_is_fp32_without_fast_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraforge.train import lora
+
+    monkeypatch.setattr(lora, "fast_bf16_available", lambda device: False)
+    assert lora.resolve_precision("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(lora, "fast_bf16_available", lambda device: True)
+    assert lora.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    assert lora.resolve_precision("fp32", torch.device("cpu")) == torch.float32

@@ -108,10 +108,17 @@ def load_dataset(path: str | Path, format: Format = "auto", columns: dict[str, s
         return result
     result = LoadResult(format)
     out = _Collector(name, result)
+    if p.is_dir():
+        out.error(0, "path", "not_a_file", "this is a directory; give the dataset file inside it")
+        return result
     if not p.is_file():
         out.error(0, "path", "file_not_found", "no such file; check the path")
         return result
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        out.error(0, "path", "unreadable_file", f"cannot read the file: {e.strerror}")
+        return result
     if not raw.strip():
         out.error(0, "file", "empty_file", "the file is empty; it needs at least 10 examples")
         return result
@@ -160,14 +167,14 @@ def _detect(path: Path, text: str) -> Format:
         try:
             data = json.loads(stripped)
             first = data[0] if isinstance(data, list) and data else None
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             first = None
     else:
         for line in text.splitlines():
             if line.strip():
                 try:
                     first = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     continue
                 break
     if isinstance(first, dict):
@@ -189,6 +196,9 @@ def _read_jsonl(text: str, format: Format, out: _Collector) -> None:
         except json.JSONDecodeError as e:
             out.error(number, "json", "invalid_json", f"invalid JSON at column {e.colno}: {e.msg}")
             continue
+        except RecursionError:
+            out.error(number, "json", "invalid_json", "JSON nested too deeply")
+            continue
         _convert(record, format, number, out)
 
 
@@ -199,6 +209,9 @@ def _read_json_array(text: str, format: Format, out: _Collector) -> None:
         json.loads(text)
     except json.JSONDecodeError as e:
         out.error(e.lineno, "json", "invalid_json", f"invalid JSON at column {e.colno}: {e.msg}")
+        return
+    except RecursionError:
+        out.error(0, "json", "invalid_json", "JSON nested too deeply")
         return
     pos = text.index("[") + 1
     while True:
@@ -351,6 +364,14 @@ def _from_completion(record: dict[str, Any], line: int, out: _Collector) -> None
 
 
 def _read_csv(text: str, columns: dict[str, str], out: _Collector) -> None:
+    csv.field_size_limit(1 << 27)  # long documents are fine; the context-length check comes later
+    try:
+        _read_csv_rows(text, columns, out)
+    except csv.Error as e:
+        out.error(0, "csv", "invalid_csv", f"cannot parse the CSV: {e}")
+
+
+def _read_csv_rows(text: str, columns: dict[str, str], out: _Collector) -> None:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     headers = reader.fieldnames or []
     bad_fields = sorted(set(columns) - set(CSV_FIELDS))

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+
+
+class TemplateError(DataError):
+    """The chat template refuses a conversation (e.g. a template that requires alternating roles)."""
+
+
 Overlong = Literal["truncate", "drop"]
 
 
@@ -46,9 +52,11 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], g
             "the base model's tokenizer has no chat template; use an instruction-tuned model or add "
             "a chat_template to its tokenizer_config.json"
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    assert isinstance(text, str)
-    return text
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja2 raises its own errors (e.g. "roles must alternate")
+        raise TemplateError(str(e)) from e
+    return str(text)
 
 
 def trained_spans(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, list[tuple[int, int]]]:

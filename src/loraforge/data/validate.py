@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.data.formats import Example, Format, LoadResult, Problem, load_dataset
-from loraforge.data.templates import Overlong, TokenizedExample, tokenize_example
+from loraforge.data.templates import Overlong, TemplateError, TokenizedExample, tokenize_example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -172,17 +172,28 @@ def check_dataset(
             seen[h] = ex.line
     if tokenizer is not None:
         for ex in loaded.examples:
-            tok = tokenize_example(tokenizer, ex, max_length, overlong)
+            try:
+                tok = tokenize_example(tokenizer, ex, max_length, overlong)
+            except TemplateError as e:
+                report.problems.append(
+                    Problem(file, ex.line, "messages", "template_error", f"the model's chat template refuses it: {e}")
+                )
+                continue
             if tok is None:
                 report.dropped += 1
+                hint = (
+                    "a larger --context-length keeps it"
+                    if overlong == "truncate"
+                    else "use --overlong truncate or a larger --context-length to keep it"
+                )
+                what = "truncation leaves no assistant token" if overlong == "truncate" else "dropped"
                 report.problems.append(
                     Problem(
                         file,
                         ex.line,
                         "record",
                         "too_long",
-                        f"longer than the context of {max_length} tokens; dropped "
-                        "(use --overlong truncate or a larger --context-length to keep it)",
+                        f"longer than the context of {max_length} tokens; {what}, so it is left out ({hint})",
                         "warning",
                     )
                 )
@@ -201,5 +212,17 @@ def check_dataset(
                     )
                 )
             report.tokenized.append(tok)
+        usable = len(report.tokenized)
+        if n >= MIN_EXAMPLES and usable < MIN_EXAMPLES:
+            report.problems.append(
+                Problem(
+                    file,
+                    0,
+                    "examples",
+                    "too_few_examples",
+                    f"only {usable} example(s) left after applying the context length of {max_length} tokens; "
+                    f"at least {MIN_EXAMPLES} are needed",
+                )
+            )
     report.problems.sort(key=lambda p: (p.severity != "error", p.line))
     return report

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from loraforge.data.templates import render
 from loraforge.errors import ModelError
 from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
 
@@ -23,7 +24,7 @@ class ChatModel:
     def chat(self, prompt: str, *, system: str | None = None, max_new_tokens: int = 128) -> str:
         """Greedy answer to one user turn, rendered with the model's chat template."""
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render(self.tokenizer, messages, generation_prompt=True)
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             out = self.model.generate(
@@ -50,6 +51,8 @@ def read_adapter_manifest(adapter: Path) -> dict[str, Any]:
         manifest: dict[str, Any] = json.loads(path.read_text())
     except ValueError as e:
         raise ModelError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest.get("base_model"), dict) or "name" not in manifest["base_model"]:
+        raise ModelError(f"{path} does not name its base model; pass --base-model")
     return manifest
 
 

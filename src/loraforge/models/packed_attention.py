@@ -54,18 +54,28 @@ def packed_attention_forward(
         )
     gqa = query.shape[1] != key.shape[1]
     rows = []
-    for b, segments in enumerate(packed_segments):
+    # unbind/split rather than slicing: their backward is one stack/cat, where every slice would
+    # allocate and zero a gradient of the full (B, H, T, D) size
+    for q_row, k_row, v_row, segments in zip(
+        query.unbind(0), key.unbind(0), value.unbind(0), packed_segments, strict=True
+    ):
+        lengths = [e - s for s, e in segments]
         parts = [
             F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e],
-                key[b : b + 1, :, s:e],
-                value[b : b + 1, :, s:e],
+                q.unsqueeze(0),
+                k.unsqueeze(0),
+                v.unsqueeze(0),
                 is_causal=True,
                 scale=scaling,
                 dropout_p=dropout if module.training else 0.0,
                 enable_gqa=gqa,
             )
-            for s, e in segments
+            for q, k, v in zip(
+                torch.split(q_row, lengths, dim=1),
+                torch.split(k_row, lengths, dim=1),
+                torch.split(v_row, lengths, dim=1),
+                strict=True,
+            )
         ]
         rows.append(torch.cat(parts, dim=2))  # (1, H, T, D)
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None

@@ -10,6 +10,7 @@ exact weights that were used.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -109,8 +110,13 @@ def _resolve_packaged(name: str, spec: _Packaged, cache_dir: Path) -> BaseModel:
     digest = sha256_file(gguf)
     target = cache_dir / digest[:16]
     if not (target / "loraforge_source.json").is_file():
-        remove_stale_temporaries(cache_dir)
-        _dequantize(gguf, target, name, digest)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # one process dequantizes; others wait for it instead of racing (the cache is shared)
+        with open(cache_dir / f".{digest[:16]}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "loraforge_source.json").is_file():
+                remove_stale_temporaries(cache_dir, target.name)
+                _dequantize(gguf, target, name, digest)
     return BaseModel(name=name, path=target, sha256=digest, source="gguf-package")
 
 

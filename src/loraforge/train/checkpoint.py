@@ -85,7 +85,7 @@ def save_checkpoint(
         tensors, meta = _optimizer_to_files(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
         full_state = {
             **state,
             "step": step,
@@ -96,6 +96,15 @@ def save_checkpoint(
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return final
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    """CPU and (where present) every CUDA device's generator state, e.g. for LoRA dropout."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i:03d}"] = state
+    return tensors
 
 
 def _jsonable(value: Any) -> Any:
@@ -158,5 +167,10 @@ def restore_checkpoint(
     meta = json.loads((ckpt.path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_from_files(load_file(str(ckpt.path / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(ckpt.state["scheduler"])
-    torch.set_rng_state(load_file(str(ckpt.path / "rng.safetensors"))["torch"])
+    rng = load_file(str(ckpt.path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
     random.setstate(_tupled(ckpt.state["python_rng"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,12 @@ class TrainConfig:
         problems: list[str] = []
         if self.context_length is None:
             self.context_length = self.seq_len
+        for name in ("data", "output", "validation"):
+            value = getattr(self, name)
+            if value:
+                setattr(self, name, str(Path(value).expanduser()))
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -105,7 +112,8 @@ class TrainConfig:
         )
         need(self.overlong in OVERLONG, f"overlong must be truncate or drop, got {self.overlong!r}")
         need(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
-        need(self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        need(self.epochs is None or (0 < self.epochs < 10_000), f"epochs must be in (0, 10000), got {self.epochs}")
+        need(self.threads is None or self.threads > 0, f"threads must be > 0, got {self.threads}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -157,6 +165,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
             raise ConfigError(f"config file {p} does not exist")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the config file {p}: {e}") from e
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
@@ -171,11 +181,20 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
                 close = difflib.get_close_matches(k, KNOWN_KEYS, n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ConfigError(f"{p}: unknown key(s) {', '.join(hints)}; known keys: {', '.join(KNOWN_KEYS)}")
-        types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+        types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
         for k, v in values.items():
-            _check_type(k, v, str(types[k]), p)
+            if types[k].startswith("float") and isinstance(v, str):
+                values[k] = v = _number(v)  # YAML 1.1 reads 1e-3 as a string
+            _check_type(k, v, types[k], p)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _check_type(key: str, value: Any, annotation: str, path: Path) -> None:
@@ -187,7 +206,7 @@ def _check_type(key: str, value: Any, annotation: str, path: Path) -> None:
     elif annotation.startswith("int"):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif annotation.startswith("float"):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     elif annotation.startswith("str"):
         ok = isinstance(value, str)
     elif annotation.startswith("list"):

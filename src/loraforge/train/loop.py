@@ -27,7 +27,7 @@ from loraforge.data.formats import Format, parse_columns
 from loraforge.data.packing import PackedBatch, PackedRow, collate_rows, pack_examples
 from loraforge.data.templates import Overlong, TokenizedExample
 from loraforge.data.validate import DataReport, check_dataset, suggest_epochs
-from loraforge.errors import CheckpointError, DataError
+from loraforge.errors import CheckpointError, ConfigError, DataError
 from loraforge.models.packed_attention import register_packed_attention
 from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model, sha256_file
 from loraforge.train.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
@@ -108,12 +108,15 @@ def _load_split(
     random.Random(config.seed).shuffle(order)
     n_val = max(1, round(len(train) * config.validation_split))
     held = set(order[:n_val])
-    return [t for i, t in enumerate(train) if i not in held], [train[i] for i in sorted(held)], report, None
+    kept = [t for i, t in enumerate(train) if i not in held]
+    if not kept:
+        raise DataError(f"{config.data}: no example left for training after holding out the validation split")
+    return kept, [train[i] for i in sorted(held)], report, None
 
 
-def _fingerprint(config: TrainConfig, base: BaseModel, hashes: list[str]) -> str:
+def _fingerprint(config: TrainConfig, base: BaseModel, hashes: list[str], processes: int) -> str:
     cfg = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
-    blob = json.dumps({"config": cfg, "base": base.sha256, "data": hashes}, sort_keys=True)
+    blob = json.dumps({"config": cfg, "base": base.sha256, "data": hashes, "processes": processes}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -121,7 +124,7 @@ def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callabl
     def f(step: int) -> float:  # step = number of optimizer steps already taken
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
@@ -170,9 +173,16 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     if config.validation:
         p = Path(config.validation)
         datasets.append({"role": "validation", "path": str(p.resolve()), "sha256": sha256_file(p)})
-    fingerprint = _fingerprint(config, base, [d["sha256"] for d in datasets])
 
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; give a directory")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output directory {output}: {e.strerror}") from e
     checkpoint = None
+    if config.resume and (output / "manifest.json").exists():
+        raise CheckpointError(f"{output} holds a finished run (manifest.json); there is nothing to resume")
     if config.resume:
         checkpoint = latest_checkpoint(output)
         if checkpoint is None:
@@ -186,6 +196,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
 
     set_seed(config.seed)
     accelerator = Accelerator(gradient_accumulation_steps=1)
+    fingerprint = _fingerprint(config, base, [d["sha256"] for d in datasets], accelerator.num_processes)
     dtype = resolve_precision(config.precision, accelerator.device)
     model = load_model(base, dtype=dtype, attn_implementation=register_packed_attention())
     model.config.use_cache = False
@@ -205,14 +216,20 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     epochs = config.epochs or float(suggest_epochs(len(train_examples)))
     rank, world = accelerator.process_index, accelerator.num_processes
     pad_id = int(tokenizer.pad_token_id)
+    # Pack once, then shuffle the order of rows per epoch: every epoch has the same number of
+    # micro-batches, so a data position is just a step number (and resume is exact).
+    packed_rows = pack_examples(train_examples, config.seq_len, shuffle_seed=config.seed)
+    per_rank = max(1, len(packed_rows) // (config.batch_rows * world)) * config.batch_rows
     epoch_cache: dict[int, list[list[PackedRow]]] = {}
 
     def micro_batches(epoch: int) -> list[list[PackedRow]]:
         if epoch not in epoch_cache:
             epoch_cache.clear()
-            rows = pack_examples(train_examples, config.seq_len, shuffle_seed=config.seed + epoch)
-            groups = [rows[i : i + config.batch_rows] for i in range(0, len(rows), config.batch_rows)]
-            epoch_cache[epoch] = groups[rank::world] or groups[:1]
+            order = list(range(len(packed_rows)))
+            random.Random(config.seed + epoch).shuffle(order)
+            # every rank gets the same number of rows (a few rows sit out an epoch when they don't divide)
+            mine = [packed_rows[i] for i in order[rank::world]][:per_rank] or [packed_rows[order[0]]]
+            epoch_cache[epoch] = [mine[i : i + config.batch_rows] for i in range(0, len(mine), config.batch_rows)]
         return epoch_cache[epoch]
 
     steps_per_epoch = math.ceil(len(micro_batches(0)) / config.grad_accum)
@@ -220,7 +237,8 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     warmup_steps = int(config.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps, config.min_lr_ratio))
-    net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    # The scheduler stays outside accelerate: it counts optimizer steps, not processes.
+    net, optimizer = accelerator.prepare(net, optimizer)
     val_batches = [
         collate_rows(rows, pad_id) for rows in _chunks(pack_examples(val_examples, config.seq_len), config.batch_rows)
     ]
@@ -243,6 +261,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     n_linear, n_head = linear_params(peft_model.get_base_model())
     probe = step_batches(0)[0]
     rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
     def probe_once() -> None:
         loss_sum, n = forward(probe)
@@ -252,14 +271,16 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     net.train()
     seconds_per_token = time_probe(probe_once, repeats=2) / max(1, probe.num_tokens)
     torch.set_rng_state(rng)
-    evals = (total_steps // config.eval_every if config.eval_every else 0) + 1
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    n_evals = (total_steps // config.eval_every if config.eval_every else 0) + 1
     val_tokens = sum(b.num_tokens for b in val_batches)
     lora_bytes = sum(p.numel() for p in trainable) * 4 * 3  # weights' gradients + two Adam moments
     estimate = Figures(
         tokens=tokens_total,
         trained_tokens=trained_total,
         flops=step_flops(n_linear, n_head, tokens_total, trained_total),
-        seconds=seconds_per_token * (tokens_total + evals * val_tokens / 3),
+        seconds=seconds_per_token * (tokens_total + n_evals * val_tokens / 3),
         peak_rss_bytes=peak_rss_bytes() + lora_bytes,
         price_per_hour=config.price_per_hour,
     )
@@ -288,7 +309,6 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
         tokens_done = int(checkpoint.state.get("tokens_done", 0))
         trained_done = int(checkpoint.state.get("trained_done", 0))
         train_seconds = float(checkpoint.state.get("train_seconds", 0.0))
-    output.mkdir(parents=True, exist_ok=True)
     # metrics.jsonl is rewritten from what the checkpoint knew: lines of a killed run's lost steps go
     write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -303,9 +323,12 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
         net.train()
         return total / max(1, count)
 
-    warnings: list[str] = []
-    last_eval: tuple[float, float] | None = None  # (mean train loss since previous eval, val loss)
-    since_eval: list[float] = []
+    warnings: list[str] = list(checkpoint.state.get("warnings", [])) if checkpoint else []
+    # rebuilt from the records, so a resumed run compares against evaluations made before the kill
+    evals = [r for r in records if r["kind"] == "eval"]
+    last_eval: tuple[float, float] | None = (evals[-1]["train_loss"], evals[-1]["val_loss"]) if evals else None
+    last_eval_step = evals[-1]["step"] if evals else 0
+    since_eval = [r["loss"] for r in records if r["kind"] == "train" and r["step"] > last_eval_step]
     reporter.start(total_steps, start_step)
     metrics_file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in finally)
     try:
@@ -321,6 +344,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
                 loss_total += float(loss_sum.detach())
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -336,7 +360,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
                 "step": step + 1,
                 "epoch": round((step + 1) / steps_per_epoch, 3),
                 "loss": round(loss, 5),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "tokens": n_tokens,
                 "tokens_per_s": round(n_tokens / dt, 1),
                 "elapsed_s": round(train_seconds, 2),
@@ -383,6 +407,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
                         "tokens_done": tokens_done,
                         "trained_done": trained_done,
                         "train_seconds": train_seconds,
+                        "warnings": warnings,
                     },
                     config.keep_checkpoints,
                 )

@@ -125,7 +125,7 @@ class LabelOnlyLM(nn.Module):
         h = self.hidden_states(input_ids, position_ids)
         base: Any = self.model.get_base_model()
         selected = targets != IGNORE_INDEX
-        out = torch.zeros(targets.shape, dtype=torch.float32)
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
         logits = base.get_output_embeddings()(h[selected]).float()
         out[selected] = nn.functional.cross_entropy(logits, targets[selected], reduction="none")
         return out
