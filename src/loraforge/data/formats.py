@@ -59,11 +59,10 @@ class Problem:
         return f"{where}: {self.field}: {self.message} [{self.code}]"
 
 
-@dataclass
-class LoadResult:
-    format: str
-    examples: list[Example] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
+class HasProblems:
+    """Mixin: ``errors`` and ``warnings`` views of a ``problems`` list."""
+
+    problems: list[Problem]
 
     @property
     def errors(self) -> list[Problem]:
@@ -72,6 +71,13 @@ class LoadResult:
     @property
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "warning"]
+
+
+@dataclass
+class LoadResult(HasProblems):
+    format: str
+    examples: list[Example] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
 
 class _Collector:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraforge.data.formats import Example, Format, LoadResult, Problem, load_dataset
+from loraforge.data.formats import Example, Format, HasProblems, LoadResult, Problem, load_dataset
 from loraforge.data.templates import Overlong, TemplateError, TokenizedExample, tokenize_example
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def suggest_epochs(num_examples: int) -> int:
 
 
 @dataclass
-class DataReport:
+class DataReport(HasProblems):
     path: str
     format: str
     problems: list[Problem]
@@ -52,14 +52,6 @@ class DataReport:
     truncated: int = 0
     dropped: int = 0
     max_length: int = 0
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
 
     @property
     def ok(self) -> bool:

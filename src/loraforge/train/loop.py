@@ -80,26 +80,23 @@ def _load_split(
     columns = parse_columns(config.columns)
     fmt: Format = config.format  # type: ignore[assignment]
     overlong: Overlong = config.overlong  # type: ignore[assignment]
-    report = check_dataset(
-        config.data,
-        tokenizer,
-        format=fmt,
-        columns=columns,
-        max_length=config.context_length or config.seq_len,
-        overlong=overlong,
-    )
-    if not report.ok:
-        raise DataError(f"{config.data} cannot be trained on; fix these first:\n{_data_problems(report)}")
-    train = list(report.tokenized)
-    if config.validation:
-        vreport = check_dataset(
-            config.validation,
+
+    def check(path: str) -> DataReport:
+        return check_dataset(
+            path,
             tokenizer,
             format=fmt,
             columns=columns,
             max_length=config.context_length or config.seq_len,
             overlong=overlong,
         )
+
+    report = check(config.data)
+    if not report.ok:
+        raise DataError(f"{config.data} cannot be trained on; fix these first:\n{_data_problems(report)}")
+    train = list(report.tokenized)
+    if config.validation:
+        vreport = check(config.validation)
         vreport.problems = [p for p in vreport.problems if p.code != "too_few_examples"]
         if not vreport.ok or not vreport.tokenized:
             raise DataError(f"{config.validation} cannot be used for validation:\n{_data_problems(vreport)}")
