@@ -128,6 +128,7 @@ def run_loraforge(n: int, out: Path, seq_len: int) -> dict[str, Any]:
         learning_rate=LR,
         eval_every=0,
         checkpoint_every=0,
+        allow_unlicensed=True,
         seed=SEED,
         warmup_ratio=0.1,
         min_lr_ratio=0.0,

@@ -27,7 +27,7 @@ def test_data_check_lists_every_problem_and_exits_1(tmp_path: Path) -> None:
     bad = ['{"messages": [{"role": "robot", "content": "x"}]}', "{oops", '{"messages": []}']
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(good[:5] + bad + good[5:]) + "\n")
-    r = _run("data", "check", str(path), "--json")
+    r = _run("data", "check", str(path), "--json", "--allow-unlicensed")
     assert r.returncode == 1
     payload = json.loads(r.stdout)
     assert not payload["ok"]
@@ -36,7 +36,7 @@ def test_data_check_lists_every_problem_and_exits_1(tmp_path: Path) -> None:
         (7, "invalid_json"),
         (8, "missing_messages_list"),
     ]
-    human = _run("data", "check", str(path))
+    human = _run("data", "check", str(path), "--allow-unlicensed")
     assert f"{path}:6: messages[0].role: role 'robot'" in human.stdout.replace("\n", "")
     assert "Traceback" not in human.stdout + human.stderr
 

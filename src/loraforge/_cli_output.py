@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from loraforge.data.licensing import LicenseReport
 from loraforge.data.validate import DataReport
 from loraforge.train.estimate import Figures
 from loraforge.train.loop import Reporter, TrainResult
@@ -49,6 +50,31 @@ def show_data_report(console: Console, report: DataReport) -> None:
             console.print(f"  {lo:>6}-{hi:<6} {'█' * max(1 if count else 0, round(30 * count / peak))} {count}")
     verdict = "[green]OK: ready to train[/]" if report.ok else "[red]refused: fix the errors above[/]"
     console.print(verdict)
+
+
+def show_licensing(console: Console, report: LicenseReport) -> None:
+    if report.manifest is None:
+        return
+    title = escape(f"licences ({report.manifest.path.name}, policy {report.policy.name})")
+    table = Table(title=title, title_justify="left")
+    for col in ("source", "licence", "owner", "personal data", "examples", "decision"):
+        table.add_column(col)
+    decisions = {d.source: d for d in report.decisions}
+    for s in report.manifest.sources:
+        d = decisions[s.label]
+        colour = {"allow": "green", "review": "yellow", "deny": "red"}[d.verdict]
+        verdict = f"[{colour}]{d.verdict}[/] ({escape(d.rule)})"
+        if d.cleared_by:
+            verdict += f", cleared by {escape(d.cleared_by)}"
+        table.add_row(
+            escape(s.label),
+            s.license,
+            escape(s.owner),
+            "yes" if s.personal_data else "no",
+            str(report.examples_per_source.get(s.label, 0)),
+            verdict,
+        )
+    console.print(table)
 
 
 class RichReporter(Reporter):

@@ -61,6 +61,13 @@ def data_check(
     base_model: Annotated[str, typer.Option(help="Model whose tokenizer and template measure lengths.")] = "",
     context_length: Annotated[int, typer.Option(help="Longest example in tokens.")] = 1024,
     overlong: Annotated[str, typer.Option(help="truncate or drop examples over the context.")] = "truncate",
+    manifest: Annotated[
+        Path | None, typer.Option(help="Licence manifest (default: NAME.manifest.yaml beside it).")
+    ] = None,
+    policy: Annotated[Path | None, typer.Option(help="Licence policy YAML (default: the shipped one).")] = None,
+    allow_unlicensed: Annotated[
+        bool, typer.Option("--allow-unlicensed", help="Don't fail for a missing licence manifest.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary and problems as JSON.")] = False,
     home: Home = None,
 ) -> None:
@@ -87,16 +94,35 @@ def data_check(
         max_length=context_length,
         overlong=overlong,  # type: ignore[arg-type]
     )
+    from loraforge.data.formats import Problem
+    from loraforge.data.licensing import LicenseError, check_licensing
+
+    licensing = None
+    if report.examples:
+        try:
+            licensing = check_licensing([(path, report.examples)], manifest=manifest, policy=policy)
+        except LicenseError as e:
+            report.problems.insert(0, Problem(str(manifest or path), 0, "licence", "invalid_manifest", str(e)))
+        else:
+            decisions_block = any(d.blocks_training for d in licensing.decisions)
+            for message in licensing.problems():
+                lenient = allow_unlicensed and not decisions_block
+                report.problems.insert(
+                    0, Problem(str(path), 0, "licence", "licence_policy", message, "warning" if lenient else "error")
+                )
     if as_json:
         payload = {
             "ok": report.ok,
             "summary": report.summary(),
+            "licensing": licensing.to_json() if licensing else None,
             "problems": [vars(p) for p in report.problems],
         }
         console.print_json(json.dumps(payload))
     else:
-        from loraforge._cli_output import show_data_report
+        from loraforge._cli_output import show_data_report, show_licensing
 
+        if licensing is not None:
+            show_licensing(console, licensing)
         show_data_report(console, report)
     raise typer.Exit(0 if report.ok else 1)
 
@@ -125,6 +151,11 @@ def train(
     eval_every: Annotated[int | None, typer.Option(help="Validation every N steps.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: never).")] = None,
     price_per_hour: Annotated[float | None, typer.Option(help="Machine price per hour for the cost.")] = None,
+    manifest: Annotated[str | None, typer.Option(help="Licence manifest (default: beside the data).")] = None,
+    policy: Annotated[str | None, typer.Option(help="Licence policy YAML (default: the shipped one).")] = None,
+    allow_unlicensed: Annotated[
+        bool, typer.Option("--allow-unlicensed", help="Train on data without a licence manifest (recorded).")
+    ] = False,
     use_rslora: Annotated[bool, typer.Option("--use-rslora", help="Rank-stabilised LoRA scaling.")] = False,
     use_dora: Annotated[bool, typer.Option("--use-dora", help="Weight-decomposed LoRA (DoRA).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
@@ -162,6 +193,9 @@ def train(
         "use_rslora": use_rslora or None,
         "use_dora": use_dora or None,
         "resume": resume or None,
+        "manifest": manifest,
+        "policy": policy,
+        "allow_unlicensed": allow_unlicensed or None,
     }
     cfg = load_config(config, overrides)
     if max_steps is not None:  # a flag beats the YAML, whichever of the two the YAML set

@@ -48,6 +48,7 @@ def test_few_steps_on_real_model_lower_loss_and_load_in_plain_peft(
         eval_every=0,
         learning_rate=2e-3,
         warmup_ratio=0.0,
+        allow_unlicensed=True,
     )
     result = train(cfg, model_cache=model_cache)
     manifest = json.loads((result.output / "manifest.json").read_text())

@@ -41,6 +41,7 @@ def _config(tmp_path: Path, data: Path, tiny: Path, **kw: object) -> TrainConfig
         "checkpoint_every": 0,
         "learning_rate": 5e-3,
         "seed": 7,
+        "allow_unlicensed": True,
     }
     values.update(kw)
     return TrainConfig(**values)  # type: ignore[arg-type]
@@ -200,6 +201,7 @@ def test_resume_after_sigkill_matches_straight_run(
         "0",
         "--checkpoint-every",
         "2",
+        "--allow-unlicensed",
         "--learning-rate",
         "0.005",
         "--seed",

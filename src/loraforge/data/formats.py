@@ -25,10 +25,10 @@ Severity = Literal["error", "warning"]
 
 CHAT_ROLES = ("system", "user", "assistant")
 CHAT_MESSAGE_KEYS = ("role", "content", "name", "weight")
-ALPACA_KEYS = ("instruction", "input", "output", "system")
-COMPLETION_KEYS = ("prompt", "completion")
+ALPACA_KEYS = ("instruction", "input", "output", "system", "source")
+COMPLETION_KEYS = ("prompt", "completion", "source")
 # CSV columns may be named after these fields (or mapped to them with --columns FIELD=COLUMN).
-CSV_FIELDS = ("system", "user", "assistant", "prompt", "completion", "instruction", "input", "output")
+CSV_FIELDS = ("system", "user", "assistant", "prompt", "completion", "instruction", "input", "output", "source")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Example:
     messages: tuple[Message, ...]
     file: str
     line: int
+    source: str | None = None  # the record's "source" tag, matched against the licence manifest
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class _Collector:
     def __init__(self, file: str, result: LoadResult) -> None:
         self.file = file
         self.result = result
+        self.source: str | None = None  # tag of the record being converted
 
     def error(self, line: int, fld: str, code: str, message: str) -> None:
         self.result.problems.append(Problem(self.file, line, fld, code, message))
@@ -234,6 +236,13 @@ def _convert(record: Any, format: Format, line: int, out: _Collector) -> None:
     if not isinstance(record, dict):
         out.error(line, "record", "data_type", f"expected a JSON object, got {type(record).__name__}")
         return
+    tag = record.get("source")
+    if tag is not None and (not isinstance(tag, str) or not tag.strip()):
+        out.error(
+            line, "source", "data_type", f"source must be a non-empty string naming a manifest source, got {tag!r}"
+        )
+        return
+    out.source = tag
     if format == "alpaca":
         _from_alpaca(record, line, out)
     elif format == "completion":
@@ -317,7 +326,7 @@ def _finish(parsed: list[Message], line: int, out: _Collector) -> None:
         if m.role == "system" and i != 0:
             out.error(line, f"messages[{i}].role", "misplaced_system", "a system message may only come first")
             return
-    out.result.examples.append(Example(tuple(parsed), out.file, line))
+    out.result.examples.append(Example(tuple(parsed), out.file, line, out.source))
 
 
 def _text_field(record: dict[str, Any], key: str, line: int, out: _Collector, required: bool) -> str | None:
@@ -421,6 +430,7 @@ def _read_csv_rows(text: str, columns: dict[str, str], out: _Collector) -> None:
     for row in reader:
         line = reader.line_num
         values = {f: (row.get(c) or "") for f, c in mapping.items()}
+        out.source = values.get("source") or None
         if kind == "chat":
             record: dict[str, Any] = {
                 "messages": [

@@ -39,6 +39,12 @@ class TrainConfig:
     """Dataset format: auto, chat, alpaca, completion or csv."""
     columns: str | None = None
     """CSV column mapping, e.g. ``user=question,assistant=answer``."""
+    manifest: str | None = None
+    """Licence manifest (default: ``NAME.manifest.yaml`` beside the data)."""
+    policy: str | None = None
+    """Licence policy (default: loraforge's shipped policy)."""
+    allow_unlicensed: bool = False
+    """Train on data without a licence manifest (recorded in the adapter manifest)."""
 
     max_steps: int | None = None
     """Optimizer steps to run; overrides ``epochs``."""

@@ -24,6 +24,7 @@ import torch
 from loraforge import __version__
 from loraforge._atomic import write_text_atomic
 from loraforge.data.formats import Format, parse_columns
+from loraforge.data.licensing import LicenseError, check_licensing, manifest_path_for
 from loraforge.data.packing import PackedBatch, PackedRow, collate_rows, pack_examples
 from loraforge.data.templates import Overlong, TokenizedExample
 from loraforge.data.validate import DataReport, check_dataset, suggest_epochs
@@ -44,6 +45,9 @@ _NOT_IN_FINGERPRINT = (
     "price_per_hour",
     "checkpoint_every",
     "keep_checkpoints",
+    "manifest",
+    "policy",
+    "allow_unlicensed",
 )
 
 
@@ -111,6 +115,30 @@ def _load_split(
     return kept, [train[i] for i in sorted(held)], report, None
 
 
+def check_training_licences(
+    config: TrainConfig, train_report: DataReport, val_report: DataReport | None
+) -> dict[str, Any]:
+    """Apply the licence manifest and policy; raise before anything is written if training is refused.
+
+    ``allow_unlicensed`` lets data without a manifest (or records no source covers) through, and is
+    recorded; a denied licence or an uncleared review always stops.
+    """
+    datasets = [(Path(config.data), train_report.examples)]
+    if val_report is not None and config.validation:
+        datasets.append((Path(config.validation), val_report.examples))
+    report = check_licensing(datasets, manifest=config.manifest, policy=config.policy)
+    blocking = [d for d in report.decisions if d.blocks_training]
+    if blocking or (not report.ok and not config.allow_unlicensed):
+        problems = "\n".join(f"- {p}" for p in report.problems())
+        hint = (
+            f"\nwrite a manifest ({manifest_path_for(config.data).name}, see docs/data.md) or pass --allow-unlicensed"
+            if report.manifest is None or report.uncovered
+            else ""
+        )
+        raise LicenseError(f"training refused by the licence check:\n{problems}{hint}")
+    return {**report.to_json(), "allow_unlicensed": config.allow_unlicensed}
+
+
 def _fingerprint(config: TrainConfig, base: BaseModel, hashes: list[str], processes: int) -> str:
     cfg = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
     blob = json.dumps({"config": cfg, "base": base.sha256, "data": hashes, "processes": processes}, sort_keys=True)
@@ -166,6 +194,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     base = resolve_base_model(config.base_model, model_cache)
     tokenizer = load_tokenizer(base)
     train_examples, val_examples, train_report, val_report = _load_split(config, tokenizer)
+    licensing = check_training_licences(config, train_report, val_report)
     datasets = [{"role": "train", "path": str(Path(config.data).resolve()), "sha256": sha256_file(Path(config.data))}]
     if config.validation:
         p = Path(config.validation)
@@ -441,6 +470,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
                 if config.validation
                 else f"held out {config.validation_split:.0%} (seed {config.seed})",
             },
+            "licensing": licensing,
             "config": config.to_dict(),
             "precision": {
                 "base": str(dtype).removeprefix("torch."),
