@@ -93,3 +93,40 @@ def test_output_that_is_a_file_is_refused(tmp_path: Path) -> None:
     target.write_text("x")
     r = _run("train", "--data", str(SAMPLES / "support.jsonl"), "--output", str(target), "--max-steps", "1")
     assert r.returncode == 1 and "is a file" in r.stderr.replace("\n", " ")
+
+
+def test_data_redact_writes_a_valid_redacted_copy(tmp_path: Path) -> None:
+    src = tmp_path / "d.jsonl"
+    records = [chat(f"q{i}", f"a{i}") for i in range(10)] + [
+        chat("I am Maria Garcia, maria@example.com", "Hi Maria Garcia!")
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "red.jsonl"
+    r = _run("data", "redact", str(src), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "EMAIL" in r.stdout and "1 redacted" in r.stdout
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines[-1]["messages"][0]["content"] == "I am <PERSON_1>, <EMAIL_1>"
+    assert lines[-1]["messages"][1]["content"] == "Hi <PERSON_1>!"
+    assert _run("data", "check", str(out), "--allow-unlicensed").returncode == 0
+    same = _run("data", "redact", str(src), "--out", str(src))
+    assert same.returncode == 1 and "never overwritten" in same.stderr.replace("\n", " ")
+
+
+def test_data_check_reports_contamination(tmp_path: Path) -> None:
+    train_path = tmp_path / "t.jsonl"
+    train_path.write_text(
+        "".join(
+            json.dumps(chat(f"What is the return window for item {i}?", f"It is thirty days for item {i}, unused."))
+            + "\n"
+            for i in range(12)
+        )
+    )
+    eval_path = tmp_path / "e.jsonl"
+    eval_path.write_text(
+        json.dumps(chat("What is the return window for item 3?", "It is thirty days for item 3, if unused.")) + "\n"
+    )
+    r = _run("data", "check", str(train_path), "--against", str(eval_path), "--allow-unlicensed", "--json")
+    payload = json.loads(r.stdout)
+    assert payload["governance"]["contamination"]["overlapping"] == 1
+    assert any(p["code"] == "contamination" and p["line"] == 1 for p in payload["problems"])

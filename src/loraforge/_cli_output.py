@@ -77,6 +77,29 @@ def show_licensing(console: Console, report: LicenseReport) -> None:
     console.print(table)
 
 
+def show_governance(console: Console, governance: dict[str, Any]) -> None:
+    pii = governance["pii"]
+    counts = {**pii["pii"], **pii["secrets"]}
+    table = Table(title="personal data and secrets", title_justify="left")
+    table.add_column("type")
+    table.add_column("findings", justify="right")
+    table.add_column("examples (masked)")
+    for kind, count in sorted(counts.items()):
+        table.add_row(kind, str(count), escape("; ".join(pii["samples"].get(kind, [])[:2])))
+    if counts:
+        console.print(table)
+    else:
+        console.print("personal data and secrets: none found")
+    line = (
+        f"duplicates: {governance['exact_duplicate_groups']} exact group(s), "
+        f"{governance['near_duplicate_pairs']} near-duplicate pair(s) at similarity ≥ {governance['threshold']}"
+    )
+    if "contamination" in governance:
+        c = governance["contamination"]
+        line += f"; contamination: {c['overlapping']} of {c['of']} examples of {escape(c['against'])} overlap"
+    console.print(line)
+
+
 class RichReporter(Reporter):
     """Pre-flight table, a live progress bar (loss, tokens/s, ETA), evaluations and the final figures."""
 

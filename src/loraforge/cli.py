@@ -8,13 +8,17 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from loraforge.errors import ConfigError, LoraforgeError
+
+if TYPE_CHECKING:
+    from loraforge.data.licensing import LicenseReport
+    from loraforge.data.validate import DataReport
 
 app = typer.Typer(
     name="loraforge",
@@ -68,6 +72,10 @@ def data_check(
     allow_unlicensed: Annotated[
         bool, typer.Option("--allow-unlicensed", help="Don't fail for a missing licence manifest.")
     ] = False,
+    against: Annotated[
+        Path | None, typer.Option(help="Evaluation/validation file to check for contamination (overlap).")
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="Near-duplicate similarity threshold (Jaccard).")] = 0.8,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary and problems as JSON.")] = False,
     home: Home = None,
 ) -> None:
@@ -110,21 +118,142 @@ def data_check(
                 report.problems.insert(
                     0, Problem(str(path), 0, "licence", "licence_policy", message, "warning" if lenient else "error")
                 )
+    governance = _governance_findings(report, licensing, against, threshold, format, columns)
     if as_json:
         payload = {
             "ok": report.ok,
             "summary": report.summary(),
             "licensing": licensing.to_json() if licensing else None,
+            "governance": governance,
             "problems": [vars(p) for p in report.problems],
         }
         console.print_json(json.dumps(payload))
     else:
-        from loraforge._cli_output import show_data_report, show_licensing
+        from loraforge._cli_output import show_data_report, show_governance, show_licensing
 
         if licensing is not None:
             show_licensing(console, licensing)
+        show_governance(console, governance)
         show_data_report(console, report)
     raise typer.Exit(0 if report.ok else 1)
+
+
+@data_app.command("redact")
+def data_redact(
+    path: Annotated[Path, typer.Argument(help="Dataset file: .jsonl, .json or .csv.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the redacted dataset (chat JSONL).")],
+    action: Annotated[str, typer.Option(help="redact (typed placeholders) or drop (leave examples out).")] = "redact",
+    format: Annotated[str, typer.Option(help="auto, chat, alpaca, completion or csv.")] = "auto",
+    columns: Annotated[str | None, typer.Option(help="CSV column mapping.")] = None,
+) -> None:
+    """Replace personal data and secrets with typed placeholders (<EMAIL_1>…), or drop those examples."""
+    from rich.table import Table
+
+    from loraforge._atomic import write_text_atomic
+    from loraforge.data.formats import load_dataset, parse_columns
+    from loraforge.data.scan import example_to_chat, scan_examples
+
+    if action not in ("redact", "drop"):
+        raise ConfigError(f"--action must be redact or drop, got {action!r}")
+    if out.resolve() == path.resolve():
+        raise ConfigError("--out must differ from the input: the original is never overwritten")
+    loaded = load_dataset(path, format, parse_columns(columns))  # type: ignore[arg-type]
+    if loaded.errors:
+        lines = "\n".join(str(p) for p in loaded.errors[:20])
+        raise ConfigError(f"{path} has errors; fix them first (see `loraforge data check`):\n{lines}")
+    kept, report = scan_examples(loaded.examples, action)  # type: ignore[arg-type]
+    write_text_atomic(out, "".join(json.dumps(example_to_chat(ex), ensure_ascii=False) + "\n" for ex in kept))
+    table = Table(title=escape(f"{path} → {out}"), title_justify="left")
+    table.add_column("type")
+    table.add_column("findings", justify="right")
+    for kind, count in sorted({**report.pii_counts, **report.secret_counts}.items()):
+        table.add_row(kind, str(count))
+    console.print(table)
+    console.print(
+        f"{report.examples} examples: {report.redacted} redacted, {report.dropped} dropped, {len(kept)} written"
+    )
+
+
+def _governance_findings(
+    report: DataReport,
+    licensing: LicenseReport | None,
+    against: Path | None,
+    threshold: float,
+    format: str,
+    columns: str | None,
+) -> dict[str, Any]:
+    """PII, secrets, near duplicates and contamination of a checked dataset; adds warnings to ``report``."""
+    from loraforge.data.dedup import find_contamination, find_duplicates
+    from loraforge.data.formats import Problem, load_dataset, parse_columns
+    from loraforge.data.scan import scan_examples
+
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"--threshold must be in (0, 1], got {threshold}")
+    examples = report.examples
+    _, scan = scan_examples(examples, "report")
+    file = report.path
+    for kind, count in sorted({**scan.pii_counts, **scan.secret_counts}.items()):
+        what = "possible secret" if kind.startswith("SECRET") else "personal data"
+        report.problems.append(
+            Problem(
+                file,
+                0,
+                "content",
+                "pii" if what == "personal data" else "secret",
+                f"{count} {what} finding(s) of type {kind}, e.g. {scan.samples[kind][0]}; "
+                "use `loraforge data redact` or train with --pii redact",
+                "warning",
+            )
+        )
+    if licensing and licensing.manifest and scan.examples_with_pii:
+        declared = [s.label for s in licensing.manifest.sources if not s.personal_data]
+        if declared:
+            report.problems.append(
+                Problem(
+                    file,
+                    0,
+                    "licence",
+                    "personal_data_mismatch",
+                    f"the manifest says {', '.join(declared)} hold no personal data, but "
+                    f"{scan.examples_with_pii} example(s) have personal-data findings",
+                    "warning",
+                )
+            )
+    dups = find_duplicates(examples, threshold)
+    for a, b, sim in dups.near_pairs:
+        report.problems.append(
+            Problem(
+                file,
+                examples[b].line,
+                "record",
+                "near_duplicate",
+                f"near duplicate of line {examples[a].line} (similarity {sim:.2f})",
+                "warning",
+            )
+        )
+    result: dict[str, Any] = {
+        "pii": scan.to_json(),
+        "exact_duplicate_groups": len(dups.exact_groups),
+        "near_duplicate_pairs": len(dups.near_pairs),
+        "threshold": threshold,
+    }
+    if against is not None:
+        other = load_dataset(against, format, parse_columns(columns))  # type: ignore[arg-type]
+        hits = find_contamination(examples, other.examples, threshold)
+        for h in hits:
+            report.problems.append(
+                Problem(
+                    str(against),
+                    other.examples[h.eval_index].line,
+                    "record",
+                    "contamination",
+                    f"overlaps training line {examples[h.train_index].line} (similarity {h.similarity:.2f})",
+                    "warning",
+                )
+            )
+        result["contamination"] = {"against": str(against), "overlapping": len(hits), "of": len(other.examples)}
+    report.problems.sort(key=lambda p: (p.severity != "error", p.line))
+    return result
 
 
 @app.command()
@@ -156,6 +285,9 @@ def train(
     allow_unlicensed: Annotated[
         bool, typer.Option("--allow-unlicensed", help="Train on data without a licence manifest (recorded).")
     ] = False,
+    pii: Annotated[str | None, typer.Option(help="Personal data and secrets: report, redact or drop.")] = None,
+    dedupe: Annotated[str | None, typer.Option(help="Remove duplicates: none, exact or near.")] = None,
+    canaries: Annotated[int | None, typer.Option(help="Plant N canary secrets (memorization tests).")] = None,
     use_rslora: Annotated[bool, typer.Option("--use-rslora", help="Rank-stabilised LoRA scaling.")] = False,
     use_dora: Annotated[bool, typer.Option("--use-dora", help="Weight-decomposed LoRA (DoRA).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
@@ -196,6 +328,9 @@ def train(
         "manifest": manifest,
         "policy": policy,
         "allow_unlicensed": allow_unlicensed or None,
+        "pii": pii,
+        "dedupe": dedupe,
+        "canaries": canaries,
     }
     cfg = load_config(config, overrides)
     if max_steps is not None:  # a flag beats the YAML, whichever of the two the YAML set

@@ -45,6 +45,16 @@ class TrainConfig:
     """Licence policy (default: loraforge's shipped policy)."""
     allow_unlicensed: bool = False
     """Train on data without a licence manifest (recorded in the adapter manifest)."""
+    pii: str = "report"
+    """Personal data and secrets: report them, redact them (typed placeholders) or drop the examples."""
+    dedupe: str = "none"
+    """Remove duplicates before training: none, exact, or near (MinHash, see near_duplicate_threshold)."""
+    near_duplicate_threshold: float = 0.8
+    """Estimated Jaccard similarity from which two examples count as near duplicates."""
+    canaries: int = 0
+    """Plant N random canary secrets in the training data, to measure memorization."""
+    canary_repeats: int = 1
+    """How many times each canary appears."""
 
     max_steps: int | None = None
     """Optimizer steps to run; overrides ``epochs``."""
@@ -119,6 +129,14 @@ class TrainConfig:
         need(self.overlong in OVERLONG, f"overlong must be truncate or drop, got {self.overlong!r}")
         need(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
         need(self.epochs is None or (0 < self.epochs < 10_000), f"epochs must be in (0, 10000), got {self.epochs}")
+        need(self.pii in ("report", "redact", "drop"), f"pii must be report, redact or drop, got {self.pii!r}")
+        need(self.dedupe in ("none", "exact", "near"), f"dedupe must be none, exact or near, got {self.dedupe!r}")
+        need(
+            0 < self.near_duplicate_threshold <= 1,
+            f"near_duplicate_threshold must be in (0, 1], got {self.near_duplicate_threshold}",
+        )
+        need(self.canaries >= 0, f"canaries must be >= 0, got {self.canaries}")
+        need(self.canary_repeats >= 1, f"canary_repeats must be >= 1, got {self.canary_repeats}")
         need(self.threads is None or self.threads > 0, f"threads must be > 0, got {self.threads}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")

@@ -24,9 +24,11 @@ import torch
 from loraforge import __version__
 from loraforge._atomic import write_text_atomic
 from loraforge.data.formats import Format, parse_columns
+from loraforge.data.governance import prepare_training_examples
 from loraforge.data.licensing import LicenseError, check_licensing, manifest_path_for
 from loraforge.data.packing import PackedBatch, PackedRow, collate_rows, pack_examples
-from loraforge.data.templates import Overlong, TokenizedExample
+from loraforge.data.pii import PiiAction
+from loraforge.data.templates import Overlong, TokenizedExample, tokenize_all
 from loraforge.data.validate import DataReport, check_dataset, suggest_epochs
 from loraforge.errors import CheckpointError, ConfigError, DataError
 from loraforge.models.packed_attention import register_packed_attention
@@ -80,39 +82,54 @@ def _data_problems(report: DataReport, limit: int = 20) -> str:
 
 def _load_split(
     config: TrainConfig, tokenizer: Any
-) -> tuple[list[TokenizedExample], list[TokenizedExample], DataReport, DataReport | None]:
+) -> tuple[list[TokenizedExample], list[TokenizedExample], DataReport, DataReport | None, dict[str, Any]]:
+    """Check the data, split off validation, apply the governance options, then tokenize.
+
+    Returns:
+        (training examples, validation examples, the two data reports, governance evidence).
+    """
     columns = parse_columns(config.columns)
     fmt: Format = config.format  # type: ignore[assignment]
     overlong: Overlong = config.overlong  # type: ignore[assignment]
+    max_length = config.context_length or config.seq_len
 
     def check(path: str) -> DataReport:
-        return check_dataset(
-            path,
-            tokenizer,
-            format=fmt,
-            columns=columns,
-            max_length=config.context_length or config.seq_len,
-            overlong=overlong,
-        )
+        return check_dataset(path, tokenizer, format=fmt, columns=columns, max_length=max_length, overlong=overlong)
 
     report = check(config.data)
     if not report.ok:
         raise DataError(f"{config.data} cannot be trained on; fix these first:\n{_data_problems(report)}")
-    train = list(report.tokenized)
+    vreport = None
     if config.validation:
         vreport = check(config.validation)
         vreport.problems = [p for p in vreport.problems if p.code != "too_few_examples"]
         if not vreport.ok or not vreport.tokenized:
             raise DataError(f"{config.validation} cannot be used for validation:\n{_data_problems(vreport)}")
-        return train, list(vreport.tokenized), report, vreport
-    order = list(range(len(train)))
-    random.Random(config.seed).shuffle(order)
-    n_val = max(1, round(len(train) * config.validation_split))
-    held = set(order[:n_val])
-    kept = [t for i, t in enumerate(train) if i not in held]
-    if not kept:
-        raise DataError(f"{config.data}: no example left for training after holding out the validation split")
-    return kept, [train[i] for i in sorted(held)], report, None
+        train_ex, val_ex = list(report.examples), list(vreport.examples)
+    else:
+        order = list(range(len(report.examples)))
+        random.Random(config.seed).shuffle(order)
+        held = set(order[: max(1, round(len(order) * config.validation_split))])
+        train_ex = [ex for i, ex in enumerate(report.examples) if i not in held]
+        val_ex = [report.examples[i] for i in sorted(held)]
+        if not train_ex:
+            raise DataError(f"{config.data}: no example left for training after holding out the validation split")
+    pii: PiiAction = config.pii  # type: ignore[assignment]
+    train_ex, val_kept, evidence = prepare_training_examples(
+        train_ex,
+        val_ex,
+        pii=pii,
+        dedupe=config.dedupe,
+        threshold=config.near_duplicate_threshold,
+        canaries=config.canaries,
+        canary_repeats=config.canary_repeats,
+        seed=config.seed,
+    )
+    if not val_kept:
+        raise DataError("no validation example is left after the PII action; use --pii redact instead of drop")
+    train_tok, _, _ = tokenize_all(tokenizer, train_ex, max_length, overlong)
+    val_tok, _, _ = tokenize_all(tokenizer, val_kept, max_length, overlong)
+    return train_tok, val_tok, report, vreport, evidence
 
 
 def check_training_licences(
@@ -193,7 +210,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     # --- setup: data first (cheap, and the most likely to be wrong), then the model ---------------
     base = resolve_base_model(config.base_model, model_cache)
     tokenizer = load_tokenizer(base)
-    train_examples, val_examples, train_report, val_report = _load_split(config, tokenizer)
+    train_examples, val_examples, train_report, val_report, governance = _load_split(config, tokenizer)
     licensing = check_training_licences(config, train_report, val_report)
     datasets = [{"role": "train", "path": str(Path(config.data).resolve()), "sha256": sha256_file(Path(config.data))}]
     if config.validation:
@@ -471,6 +488,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
                 else f"held out {config.validation_split:.0%} (seed {config.seed})",
             },
             "licensing": licensing,
+            "data_governance": governance,
             "config": config.to_dict(),
             "precision": {
                 "base": str(dtype).removeprefix("torch."),

@@ -1,0 +1,121 @@
+"""Exact and near-duplicate examples, and contamination between training and evaluation data.
+
+Exact duplicates: same messages after normalising case, whitespace and punctuation (a hash).
+Near duplicates: MinHash signatures over word 3-gram shingles with locality-sensitive hashing
+(datasketch); a candidate pair is confirmed when its estimated Jaccard similarity reaches the
+threshold. Contamination: evaluation examples that are exact or near copies of training ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from loraforge.data.formats import Example
+
+if TYPE_CHECKING:
+    from datasketch import MinHash
+
+NUM_PERM = 128
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def normalized_text(example: Example) -> str:
+    """Messages joined with their roles, lower-cased, punctuation dropped, whitespace collapsed."""
+    return " | ".join(f"{m.role}: {' '.join(_WORD.findall(m.content.lower()))}" for m in example.messages)
+
+
+def _shingles(text: str, n: int = 3) -> set[bytes]:
+    words = text.split()
+    if len(words) < n:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}
+
+
+def minhash(example: Example) -> MinHash:
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=NUM_PERM, seed=1)
+    m.update_batch(list(_shingles(normalized_text(example))))
+    return m
+
+
+@dataclass
+class DuplicateReport:
+    exact_groups: list[list[int]] = field(default_factory=list)  # indices; the first of each group is kept
+    near_pairs: list[tuple[int, int, float]] = field(default_factory=list)  # (kept, duplicate, similarity)
+    threshold: float = 0.8
+
+    def duplicates(self) -> set[int]:
+        """Indices a dedupe removes: all but the first of each exact group and of each near-duplicate cluster."""
+        drop = {i for g in self.exact_groups for i in g[1:]}
+        parent: dict[int, int] = {}
+
+        def root(i: int) -> int:
+            while parent.get(i, i) != i:
+                i = parent[i]
+            return i
+
+        for a, b, _ in self.near_pairs:
+            ra, rb = root(a), root(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        drop |= {i for i in parent if root(i) != i}
+        return drop
+
+
+def find_duplicates(examples: list[Example], threshold: float = 0.8) -> DuplicateReport:
+    """Exact groups and near-duplicate pairs among ``examples`` (indices into the list)."""
+    from datasketch import MinHashLSH
+
+    if not 0 < threshold <= 1:
+        raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
+    report = DuplicateReport(threshold=threshold)
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(hashlib.sha256(normalized_text(ex).encode()).hexdigest(), []).append(i)
+    report.exact_groups = [g for g in groups.values() if len(g) > 1]
+    firsts = [g[0] for g in groups.values()]  # near-duplicates among distinct texts only
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    signatures: dict[int, MinHash] = {}
+    for i in firsts:
+        sig = minhash(examples[i])
+        for j in lsh.query(sig):
+            sim = float(sig.jaccard(signatures[j]))
+            if sim >= threshold:
+                report.near_pairs.append((j, i, round(sim, 3)))
+        lsh.insert(i, sig)
+        signatures[i] = sig
+    return report
+
+
+@dataclass(frozen=True)
+class Contamination:
+    eval_index: int
+    train_index: int
+    similarity: float  # 1.0 for an exact copy
+
+
+def find_contamination(train: list[Example], evaluation: list[Example], threshold: float = 0.8) -> list[Contamination]:
+    """Evaluation examples that are exact or near copies of a training example."""
+    from datasketch import MinHashLSH
+
+    exact = {hashlib.sha256(normalized_text(ex).encode()).hexdigest(): i for i, ex in enumerate(train)}
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    signatures = {}
+    for i, ex in enumerate(train):
+        signatures[i] = minhash(ex)
+        lsh.insert(i, signatures[i])
+    found = []
+    for k, ex in enumerate(evaluation):
+        digest = hashlib.sha256(normalized_text(ex).encode()).hexdigest()
+        if digest in exact:
+            found.append(Contamination(k, exact[digest], 1.0))
+            continue
+        sig = minhash(ex)
+        best = max(((float(sig.jaccard(signatures[j])), j) for j in lsh.query(sig)), default=None)
+        if best and best[0] >= threshold:
+            found.append(Contamination(k, best[1], round(best[0], 3)))
+    return found
