@@ -174,6 +174,45 @@ def data_redact(
     )
 
 
+@data_app.command("report")
+def data_report(
+    path: Annotated[Path, typer.Argument(help="Dataset file: .jsonl, .json or .csv.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for datasheet.json and datasheet.html.")],
+    format: Annotated[str, typer.Option(help="auto, chat, alpaca, completion or csv.")] = "auto",
+    columns: Annotated[str | None, typer.Option(help="CSV column mapping.")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Licence manifest (default: beside the data).")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Licence policy YAML (default: the shipped one).")] = None,
+    base_model: Annotated[str, typer.Option(help="Model whose tokenizer measures lengths.")] = "",
+    home: Home = None,
+) -> None:
+    """Write a datasheet (Datasheets for Datasets sections) as JSON and HTML; unknown answers are marked."""
+    from loraforge.data.datasheet import build_datasheet, write_datasheet
+    from loraforge.data.formats import parse_columns
+    from loraforge.data.licensing import LicenseError, check_licensing
+    from loraforge.data.scan import scan_examples
+    from loraforge.data.validate import check_dataset
+    from loraforge.models.sources import DEFAULT_BASE_MODEL, load_tokenizer, resolve_base_model
+
+    _quiet_libraries()
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(resolve_base_model(base_model or DEFAULT_BASE_MODEL, _cache(home)))
+    except LoraforgeError as e:
+        err_console.print(f"[yellow]warning[/]: token statistics left out: {escape(str(e))}")
+    report = check_dataset(path, tokenizer, format=format, columns=parse_columns(columns))  # type: ignore[arg-type]
+    if not report.examples:
+        lines = "\n".join(str(p) for p in report.errors[:20])
+        raise ConfigError(f"{path} has no readable example:\n{lines}")
+    try:
+        licensing = check_licensing([(path, report.examples)], manifest=manifest, policy=policy)
+    except LicenseError as e:
+        err_console.print(f"[yellow]warning[/]: licence section left for the owner: {escape(str(e))}")
+        licensing = None
+    _, scan = scan_examples(report.examples, "report")
+    json_path, html_path = write_datasheet(build_datasheet(report, licensing, scan), out)
+    console.print(f"datasheet: {html_path}\n           {json_path}")
+
+
 def _governance_findings(
     report: DataReport,
     licensing: LicenseReport | None,

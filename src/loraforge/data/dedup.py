@@ -8,10 +8,11 @@ threshold. Contamination: evaluation examples that are exact or near copies of t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loraforge.data.formats import Example
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from datasketch import MinHash
 
 NUM_PERM = 128
+MAX_CANDIDATES = 32  # per example: a duplicate needs one match, a big cluster must not cost O(n²)
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -34,10 +36,19 @@ def _shingles(text: str, n: int = 3) -> set[bytes]:
     return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}
 
 
+@functools.cache
+def _permutations() -> tuple[Any, str]:
+    from datasketch import MinHash
+
+    template = MinHash(num_perm=NUM_PERM, seed=1)
+    return template.permutations, template.scheme
+
+
 def minhash(example: Example) -> MinHash:
     from datasketch import MinHash
 
-    m = MinHash(num_perm=NUM_PERM, seed=1)
+    permutations, scheme = _permutations()  # made once and shared, not per example
+    m = MinHash(num_perm=NUM_PERM, seed=1, permutations=permutations, scheme=scheme)
     m.update_batch(list(_shingles(normalized_text(example))))
     return m
 
@@ -45,7 +56,9 @@ def minhash(example: Example) -> MinHash:
 @dataclass
 class DuplicateReport:
     exact_groups: list[list[int]] = field(default_factory=list)  # indices; the first of each group is kept
-    near_pairs: list[tuple[int, int, float]] = field(default_factory=list)  # (kept, duplicate, similarity)
+    # (earlier example, duplicate, similarity): one pair per near-duplicate, its best match among
+    # the first MAX_CANDIDATES that LSH proposes
+    near_pairs: list[tuple[int, int, float]] = field(default_factory=list)
     threshold: float = 0.8
 
     def duplicates(self) -> set[int]:
@@ -82,10 +95,10 @@ def find_duplicates(examples: list[Example], threshold: float = 0.8) -> Duplicat
     signatures: dict[int, MinHash] = {}
     for i in firsts:
         sig = minhash(examples[i])
-        for j in lsh.query(sig):
-            sim = float(sig.jaccard(signatures[j]))
-            if sim >= threshold:
-                report.near_pairs.append((j, i, round(sim, 3)))
+        candidates = sorted(lsh.query(sig))[:MAX_CANDIDATES]
+        best = max(((float(sig.jaccard(signatures[j])), j) for j in candidates), default=None)
+        if best is not None and best[0] >= threshold:
+            report.near_pairs.append((best[1], i, round(best[0], 3)))
         lsh.insert(i, sig)
         signatures[i] = sig
     return report
@@ -115,7 +128,8 @@ def find_contamination(train: list[Example], evaluation: list[Example], threshol
             found.append(Contamination(k, exact[digest], 1.0))
             continue
         sig = minhash(ex)
-        best = max(((float(sig.jaccard(signatures[j])), j) for j in lsh.query(sig)), default=None)
+        candidates = sorted(lsh.query(sig))[:MAX_CANDIDATES]
+        best = max(((float(sig.jaccard(signatures[j])), j) for j in candidates), default=None)
         if best and best[0] >= threshold:
             found.append(Contamination(k, best[1], round(best[0], 3)))
     return found
