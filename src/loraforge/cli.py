@@ -8,17 +8,13 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from loraforge.errors import ConfigError, LoraforgeError
-
-if TYPE_CHECKING:
-    from loraforge.data.licensing import LicenseReport
-    from loraforge.data.validate import DataReport
 
 app = typer.Typer(
     name="loraforge",
@@ -81,6 +77,7 @@ def data_check(
 ) -> None:
     """Report every problem of a dataset at once (file:line: field: message); exit 1 if it cannot be trained on."""
     from loraforge.data.formats import FORMATS, parse_columns
+    from loraforge.data.fullcheck import governance_checks
     from loraforge.data.validate import check_dataset
     from loraforge.models.sources import DEFAULT_BASE_MODEL, load_tokenizer, resolve_base_model
 
@@ -102,23 +99,16 @@ def data_check(
         max_length=context_length,
         overlong=overlong,  # type: ignore[arg-type]
     )
-    from loraforge.data.formats import Problem
-    from loraforge.data.licensing import LicenseError, check_licensing
-
-    licensing = None
-    if report.examples:
-        try:
-            licensing = check_licensing([(path, report.examples)], manifest=manifest, policy=policy)
-        except LicenseError as e:
-            report.problems.insert(0, Problem(str(manifest or path), 0, "licence", "invalid_manifest", str(e)))
-        else:
-            decisions_block = any(d.blocks_training for d in licensing.decisions)
-            for message in licensing.problems():
-                lenient = allow_unlicensed and not decisions_block
-                report.problems.insert(
-                    0, Problem(str(path), 0, "licence", "licence_policy", message, "warning" if lenient else "error")
-                )
-    governance = _governance_findings(report, licensing, against, threshold, format, columns)
+    licensing, governance = governance_checks(
+        report,
+        manifest=manifest,
+        policy=policy,
+        allow_unlicensed=allow_unlicensed,
+        against=against,
+        threshold=threshold,
+        format=format,
+        columns=columns,
+    )
     if as_json:
         payload = {
             "ok": report.ok,
@@ -211,88 +201,6 @@ def data_report(
     _, scan = scan_examples(report.examples, "report")
     json_path, html_path = write_datasheet(build_datasheet(report, licensing, scan), out)
     console.print(f"datasheet: {html_path}\n           {json_path}")
-
-
-def _governance_findings(
-    report: DataReport,
-    licensing: LicenseReport | None,
-    against: Path | None,
-    threshold: float,
-    format: str,
-    columns: str | None,
-) -> dict[str, Any]:
-    """PII, secrets, near duplicates and contamination of a checked dataset; adds warnings to ``report``."""
-    from loraforge.data.dedup import find_contamination, find_duplicates
-    from loraforge.data.formats import Problem, load_dataset, parse_columns
-    from loraforge.data.scan import scan_examples
-
-    if not 0 < threshold <= 1:
-        raise ConfigError(f"--threshold must be in (0, 1], got {threshold}")
-    examples = report.examples
-    _, scan = scan_examples(examples, "report")
-    file = report.path
-    for kind, count in sorted({**scan.pii_counts, **scan.secret_counts}.items()):
-        what = "possible secret" if kind.startswith("SECRET") else "personal data"
-        report.problems.append(
-            Problem(
-                file,
-                0,
-                "content",
-                "pii" if what == "personal data" else "secret",
-                f"{count} {what} finding(s) of type {kind}, e.g. {scan.samples[kind][0]}; "
-                "use `loraforge data redact` or train with --pii redact",
-                "warning",
-            )
-        )
-    if licensing and licensing.manifest and scan.examples_with_pii:
-        declared = [s.label for s in licensing.manifest.sources if not s.personal_data]
-        if declared:
-            report.problems.append(
-                Problem(
-                    file,
-                    0,
-                    "licence",
-                    "personal_data_mismatch",
-                    f"the manifest says {', '.join(declared)} hold no personal data, but "
-                    f"{scan.examples_with_pii} example(s) have personal-data findings",
-                    "warning",
-                )
-            )
-    dups = find_duplicates(examples, threshold)
-    for a, b, sim in dups.near_pairs:
-        report.problems.append(
-            Problem(
-                file,
-                examples[b].line,
-                "record",
-                "near_duplicate",
-                f"near duplicate of line {examples[a].line} (similarity {sim:.2f})",
-                "warning",
-            )
-        )
-    result: dict[str, Any] = {
-        "pii": scan.to_json(),
-        "exact_duplicate_groups": len(dups.exact_groups),
-        "near_duplicate_pairs": len(dups.near_pairs),
-        "threshold": threshold,
-    }
-    if against is not None:
-        other = load_dataset(against, format, parse_columns(columns))  # type: ignore[arg-type]
-        hits = find_contamination(examples, other.examples, threshold)
-        for h in hits:
-            report.problems.append(
-                Problem(
-                    str(against),
-                    other.examples[h.eval_index].line,
-                    "record",
-                    "contamination",
-                    f"overlaps training line {examples[h.train_index].line} (similarity {h.similarity:.2f})",
-                    "warning",
-                )
-            )
-        result["contamination"] = {"against": str(against), "overlapping": len(hits), "of": len(other.examples)}
-    report.problems.sort(key=lambda p: (p.severity != "error", p.line))
-    return result
 
 
 @app.command()

@@ -24,9 +24,12 @@ SAMPLES = Path(__file__).parent / "samples"
 
 
 def run(console: Console) -> int:
-    from loraforge._cli_output import RichReporter, show_data_report
+    from loraforge._cli_output import RichReporter, show_data_report, show_governance, show_licensing
     from loraforge.cli import _quiet_libraries
+    from loraforge.data.datasheet import build_datasheet, write_datasheet
     from loraforge.data.formats import load_dataset
+    from loraforge.data.fullcheck import governance_checks
+    from loraforge.data.scan import scan_examples
     from loraforge.data.validate import check_dataset
     from loraforge.home import model_cache_dir, resolve_home
     from loraforge.models.generate import load_chat_model
@@ -40,14 +43,22 @@ def run(console: Console) -> int:
     output = out_root / time.strftime("adapter-%Y%m%d-%H%M%S")
     data, holdout = SAMPLES / "support.jsonl", SAMPLES / "support_holdout.jsonl"
 
-    console.print(Rule("1. check the sample dataset"))
-    console.print(f"$ loraforge data check {data}")
+    console.print(Rule("1. check the sample dataset: structure, licences, personal data, duplicates"))
+    console.print(f"$ loraforge data check {data} --against {holdout}")
     base = resolve_base_model(DEFAULT_BASE_MODEL, cache)
     tokenizer = load_tokenizer(base)
     report = check_dataset(data, tokenizer)
+    licensing, governance = governance_checks(report, against=holdout)
+    if licensing is not None:
+        show_licensing(console, licensing)
+    show_governance(console, governance)
     show_data_report(console, report)
     if not report.ok:
         return 1
+    console.print(f"$ loraforge data report {data} --out {output.parent / 'datasheet'}")
+    _, scan = scan_examples(report.examples)
+    _, datasheet = write_datasheet(build_datasheet(report, licensing, scan), output.parent / "datasheet")
+    console.print(f"datasheet: {datasheet}")
 
     console.print(Rule("2. train a LoRA adapter on the default base model"))
     epochs = float(os.environ.get("DEMO_EPOCHS", "2"))
@@ -80,6 +91,12 @@ def run(console: Console) -> int:
     console.print(f"manifest:        {output / 'manifest.json'}")
     console.print(f"metrics:         {output / 'metrics.jsonl'}")
     console.print(f"loss curve:      {output / 'loss.png'}")
+    console.print(f"datasheet:       {datasheet}")
+    lic = manifest["licensing"]
+    console.print(
+        f"licences:        {', '.join(d['license'] + ' → ' + d['verdict'] for d in lic['decisions'])} "
+        f"(policy {lic['policy']['name']}); PII action: {manifest['data_governance']['pii']['action']}"
+    )
     console.print(f"home:            {home}")
     console.print(f'try it:          loraforge generate --adapter {output} --prompt "Can I return a bike?"')
     del result
