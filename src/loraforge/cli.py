@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -51,6 +51,17 @@ def _cache(home: Path | None) -> Path:
     return model_cache_dir(home)
 
 
+def _optional_tokenizer(base_model: str, home: Path | None, consequence: str) -> Any:
+    """The base model's tokenizer, or None with a warning (structure checks don't need it)."""
+    from loraforge.models.sources import DEFAULT_BASE_MODEL, load_tokenizer, resolve_base_model
+
+    try:
+        return load_tokenizer(resolve_base_model(base_model or DEFAULT_BASE_MODEL, _cache(home)))
+    except LoraforgeError as e:
+        err_console.print(f"[yellow]warning[/]: {consequence}: {escape(str(e))}")
+        return None
+
+
 @data_app.command("check")
 def data_check(
     path: Annotated[Path, typer.Argument(help="Dataset file: .jsonl, .json or .csv.")],
@@ -79,18 +90,13 @@ def data_check(
     from loraforge.data.formats import FORMATS, parse_columns
     from loraforge.data.fullcheck import governance_checks
     from loraforge.data.validate import check_dataset
-    from loraforge.models.sources import DEFAULT_BASE_MODEL, load_tokenizer, resolve_base_model
 
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if overlong not in ("truncate", "drop"):
         raise ConfigError(f"--overlong must be truncate or drop, got {overlong!r}")
     _quiet_libraries()
-    tokenizer = None
-    try:
-        tokenizer = load_tokenizer(resolve_base_model(base_model or DEFAULT_BASE_MODEL, _cache(home)))
-    except LoraforgeError as e:
-        err_console.print(f"[yellow]warning[/]: token lengths not checked: {escape(str(e))}")
+    tokenizer = _optional_tokenizer(base_model, home, "token lengths not checked")
     report = check_dataset(
         path,
         tokenizer,
@@ -181,14 +187,9 @@ def data_report(
     from loraforge.data.licensing import LicenseError, check_licensing
     from loraforge.data.scan import scan_examples
     from loraforge.data.validate import check_dataset
-    from loraforge.models.sources import DEFAULT_BASE_MODEL, load_tokenizer, resolve_base_model
 
     _quiet_libraries()
-    tokenizer = None
-    try:
-        tokenizer = load_tokenizer(resolve_base_model(base_model or DEFAULT_BASE_MODEL, _cache(home)))
-    except LoraforgeError as e:
-        err_console.print(f"[yellow]warning[/]: token statistics left out: {escape(str(e))}")
+    tokenizer = _optional_tokenizer(base_model, home, "token statistics left out")
     report = check_dataset(path, tokenizer, format=format, columns=parse_columns(columns))  # type: ignore[arg-type]
     if not report.examples:
         lines = "\n".join(str(p) for p in report.errors[:20])

@@ -93,12 +93,14 @@ def run(console: Console) -> int:
     console.print(f"loss curve:      {output / 'loss.png'}")
     console.print(f"datasheet:       {datasheet}")
     lic = manifest["licensing"]
+    decisions = ", ".join(f"{d['source']}: {d['license']} → {d['verdict']}" for d in lic["decisions"])
     console.print(
-        f"licences:        {', '.join(d['license'] + ' → ' + d['verdict'] for d in lic['decisions'])} "
+        f"licences:        {decisions} "
         f"(policy {lic['policy']['name']}); PII action: {manifest['data_governance']['pii']['action']}"
     )
     console.print(f"home:            {home}")
-    console.print(f'try it:          loraforge generate --adapter {output} --prompt "Can I return a bike?"')
+    cli = Path(sys.executable).parent / "loraforge"
+    console.print(f'try it:          {cli} generate --adapter {output} --prompt "Can I return a bike?"')
     del result
     return 0
 
