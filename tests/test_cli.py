@@ -129,4 +129,6 @@ def test_data_check_reports_contamination(tmp_path: Path) -> None:
     r = _run("data", "check", str(train_path), "--against", str(eval_path), "--allow-unlicensed", "--json")
     payload = json.loads(r.stdout)
     assert payload["governance"]["contamination"]["overlapping"] == 1
+    bad = _run("data", "check", str(train_path), "--against", str(tmp_path / "typo.jsonl"), "--allow-unlicensed")
+    assert bad.returncode == 1 and "cannot be read" in bad.stderr.replace("\n", " ")
     assert any(p["code"] == "contamination" and p["line"] == 1 for p in payload["problems"])

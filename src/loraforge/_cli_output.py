@@ -55,12 +55,13 @@ def show_data_report(console: Console, report: DataReport) -> None:
 def show_licensing(console: Console, report: LicenseReport) -> None:
     if report.manifest is None:
         return
-    title = escape(f"licences ({report.manifest.path.name}, policy {report.policy.name})")
+    names = ", ".join(m.path.name for m in report.manifests)
+    title = escape(f"licences ({names}, policy {report.policy.name})")
     table = Table(title=title, title_justify="left")
     for col in ("source", "licence", "owner", "personal data", "examples", "decision"):
         table.add_column(col)
     decisions = {d.source: d for d in report.decisions}
-    for s in report.manifest.sources:
+    for s in report.sources:
         d = decisions[s.label]
         colour = {"allow": "green", "review": "yellow", "deny": "red"}[d.verdict]
         verdict = f"[{colour}]{d.verdict}[/] ({escape(d.rule)})"

@@ -51,6 +51,19 @@ def _cache(home: Path | None) -> Path:
     return model_cache_dir(home)
 
 
+def _writable_target(out: Path, kind: str) -> None:
+    """Refuse an --out that cannot become a ``kind`` before any work is done."""
+    if kind == "file" and out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file name")
+    if kind == "directory" and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so the path cannot be created")
+
+
 def _optional_tokenizer(base_model: str, home: Path | None, consequence: str) -> Any:
     """The base model's tokenizer, or None with a warning (structure checks don't need it)."""
     from loraforge.models.sources import DEFAULT_BASE_MODEL, load_tokenizer, resolve_base_model
@@ -153,6 +166,7 @@ def data_redact(
         raise ConfigError(f"--action must be redact or drop, got {action!r}")
     if out.resolve() == path.resolve():
         raise ConfigError("--out must differ from the input: the original is never overwritten")
+    _writable_target(out, "file")
     loaded = load_dataset(path, format, parse_columns(columns))  # type: ignore[arg-type]
     if loaded.errors:
         lines = "\n".join(str(p) for p in loaded.errors[:20])
@@ -188,6 +202,7 @@ def data_report(
     from loraforge.data.scan import scan_examples
     from loraforge.data.validate import check_dataset
 
+    _writable_target(out, "directory")
     _quiet_libraries()
     tokenizer = _optional_tokenizer(base_model, home, "token statistics left out")
     report = check_dataset(path, tokenizer, format=format, columns=parse_columns(columns))  # type: ignore[arg-type]

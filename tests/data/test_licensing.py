@@ -41,6 +41,27 @@ POLICY_CASES = [
 ]
 
 
+def test_ids_are_case_insensitive_and_proprietary_cannot_hide(tmp_path: Path) -> None:
+    p = _manifest(
+        tmp_path,
+        "sources:\n  - path: a\n    license: licenseref-proprietary\n    owner: x\n    personal_data: false\n"
+        "    approved_by: y\n    reason: z\n  - path: b\n    license: mit\n    owner: x\n    personal_data: false\n",
+    )
+    manifest = load_manifest(p)
+    assert [s.license for s in manifest.sources] == ["LicenseRef-Proprietary", "MIT"]
+    assert decide(manifest.sources[0], load_policy()).verdict == "deny"
+
+
+def test_most_restrictive_rule_wins_and_policy_typos_are_caught(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("allow: ['CC-BY-*']\nreview: ['*-NC*']\n")
+    source = Source(license="CC-BY-NC-4.0", owner="o", personal_data=False, line=1, path="d")
+    assert decide(source, load_policy(policy)).verdict == "review"
+    policy.write_text("allow: [Apache2.0]\n")
+    with pytest.raises(LicenseError, match=r"did you mean Apache-2\.0"):
+        load_policy(policy)
+
+
 @pytest.mark.parametrize(("license_id", "extra", "verdict", "blocks"), POLICY_CASES)
 def test_default_policy_decisions(license_id: str, extra: dict[str, str], verdict: str, blocks: bool) -> None:
     source = Source(license=license_id, owner="o", personal_data=False, line=1, path="d.jsonl", **extra)
@@ -105,8 +126,9 @@ def test_records_matched_by_file_and_by_source_tag(tmp_path: Path, write_jsonl) 
         "  - source: vendor\n    license: CC-BY-NC-4.0\n    owner: Vendor Ltd\n    personal_data: true\n",
     )
     report = check_licensing([(data, load_dataset(data).examples)])
-    # an unknown tag falls back to the file's source
-    assert report.examples_per_source == {"path data.jsonl": 3, "source 'vendor'": 1}
+    # a tag that names no source is not covered (a typo must not borrow the file's licence)
+    assert report.examples_per_source == {"path data.jsonl": 2, "source 'vendor'": 1}
+    assert report.uncovered == [(str(data), 3)]
     assert not report.ok
     assert any("needs review" in p and "vendor" in p for p in report.problems())
     summary = report.to_json()
@@ -116,7 +138,7 @@ def test_records_matched_by_file_and_by_source_tag(tmp_path: Path, write_jsonl) 
 def test_missing_manifest_and_uncovered_records(tmp_path: Path, write_jsonl) -> None:  # type: ignore[no-untyped-def]
     data = write_jsonl([chat("q", "a")])
     report = check_licensing([(data, load_dataset(data).examples)])
-    assert report.manifest is None and not report.ok and report.problems()[0] == "no licence manifest"
+    assert report.manifest is None and not report.ok and report.problems()[0] == f"{data}: no licence manifest"
     _manifest(tmp_path, "sources:\n  - path: other.jsonl\n    license: MIT\n    owner: x\n    personal_data: false\n")
     report = check_licensing([(data, load_dataset(data).examples)])
     assert report.uncovered == [(str(data), 1)]

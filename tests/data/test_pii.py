@@ -255,6 +255,41 @@ def test_heuristic_types(kind: str, min_recall: float, min_precision: float) -> 
     assert recall >= min_recall and precision >= min_precision, (kind, precision, recall)
 
 
+REFERENCE_NUMBERS = [
+    "Your order #4155552671 has shipped.",
+    "Order number 9876543210 is on its way.",
+    "Order 12345678Z was cancelled.",
+    "Please update the firmware to version 2.10.4.1 first.",
+    "Ticket 2024-05-1234 is closed.",
+    "Spring 2024 sale: Olive Oil and Max Pro bundles, Grace Period ends Friday.",
+]
+
+
+@pytest.mark.parametrize("text", REFERENCE_NUMBERS)
+def test_reference_numbers_and_phrases_are_not_personal_data(text: str) -> None:
+    assert find_pii(text) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Anna Maria Schmidt",
+        "Mary Ann Smith",
+        "Hans-Peter Müller",
+        "Juan Carlos Rodríguez",
+        "Dr. Maria José García Pérez",
+    ],
+)
+def test_whole_names_are_redacted(name: str) -> None:
+    text = f"Please call {name} today."
+    assert Redactor().redact(text, find_pii(text)) == "Please call <PERSON_1> today."
+
+
+def test_redaction_continues_numbering_after_existing_placeholders() -> None:
+    text = "I'm <PERSON_1>, my friend Maria Garcia paid."
+    assert Redactor(text).redact(text, find_pii(text)) == "I'm <PERSON_1>, my friend <PERSON_2> paid."
+
+
 def test_no_findings_in_negatives() -> None:
     for text in NEGATIVES:
         assert find_pii(text) == [], text

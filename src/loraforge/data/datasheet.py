@@ -62,7 +62,7 @@ def build_datasheet(
     summary = report.summary()
     langs = Counter(guess_language(" ".join(m.content for m in ex.messages)) for ex in examples)
     dups = find_duplicates(examples, threshold)
-    sources = licensing.manifest.sources if licensing and licensing.manifest else ()
+    sources = licensing.sources if licensing else []
     owners = sorted({s.owner for s in sources})
     licences = sorted({s.license for s in sources})
     personal = [s.label for s in sources if s.personal_data]

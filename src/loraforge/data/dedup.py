@@ -25,8 +25,12 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def normalized_text(example: Example) -> str:
-    """Messages joined with their roles, lower-cased, punctuation dropped, whitespace collapsed."""
-    return " | ".join(f"{m.role}: {' '.join(_WORD.findall(m.content.lower()))}" for m in example.messages)
+    """User and assistant turns joined with their roles, lower-cased, punctuation dropped, whitespace
+    collapsed. System prompts are left out: datasets often repeat one long system prompt in every
+    record, which would make unrelated examples look alike (and hide copies that lack it)."""
+    return " | ".join(
+        f"{m.role}: {' '.join(_WORD.findall(m.content.lower()))}" for m in example.messages if m.role != "system"
+    )
 
 
 def _shingles(text: str, n: int = 3) -> set[bytes]:

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.data.dedup import find_contamination, find_duplicates
-from loraforge.data.formats import Problem, load_dataset, parse_columns
+from loraforge.data.formats import Problem, load_dataset
 from loraforge.data.licensing import LicenseError, LicenseReport, check_licensing
 from loraforge.data.scan import scan_examples
 from loraforge.data.validate import DataReport
-from loraforge.errors import ConfigError
+from loraforge.errors import ConfigError, DataError
 
 
 def governance_checks(
@@ -78,7 +78,7 @@ def _content_findings(
             )
         )
     if licensing and licensing.manifest and scan.examples_with_pii:
-        declared = [s.label for s in licensing.manifest.sources if not s.personal_data]
+        declared = [s.label for s in licensing.sources if not s.personal_data]
         if declared:
             report.problems.append(
                 Problem(
@@ -110,7 +110,10 @@ def _content_findings(
         "threshold": threshold,
     }
     if against is not None:
-        other = load_dataset(against, format, parse_columns(columns))  # type: ignore[arg-type]
+        other = load_dataset(against)  # its own format: --format and --columns describe the training file
+        if other.errors or not other.examples:
+            first = str(other.errors[0]) if other.errors else "no example"
+            raise DataError(f"--against {against} cannot be read: {first}")
         hits = find_contamination(examples, other.examples, threshold)
         for h in hits:
             report.problems.append(

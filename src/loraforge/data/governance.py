@@ -38,11 +38,12 @@ class Canary:
 
 
 def make_canaries(n: int, repeats: int, seed: int) -> list[Canary]:
+    if n > 900:
+        raise ValueError(f"at most 900 canaries (distinct prompts), got {n}")
     rng = random.Random(f"canary-{seed}")
     alphabet = string.ascii_uppercase + string.digits
     out = []
-    for _ in range(n):
-        locker = rng.randint(100, 999)
+    for locker in rng.sample(range(100, 1000), n):  # distinct prompts: one secret per prefix
         secret = "-".join("".join(rng.choice(alphabet) for _ in range(4)) for _ in range(3))
         out.append(Canary(f"Note: the access code of locker {locker} is ", secret, repeats))
     return out
@@ -66,6 +67,7 @@ def prepare_training_examples(
     canaries: int,
     canary_repeats: int,
     seed: int,
+    clean_validation: bool = False,
 ) -> tuple[list[Example], list[Example] | None, dict[str, Any]]:
     """Apply the PII action, deduplicate, check contamination and plant canaries.
 
@@ -101,8 +103,13 @@ def prepare_training_examples(
     kept = [ex for i, ex in enumerate(kept) if i not in removed]
     if validation:
         hits = find_contamination(kept, validation, threshold)
+        if clean_validation and hits:
+            # a split we made ourselves must be held out for real: copies of training examples go
+            contaminated = {h.eval_index for h in hits}
+            validation = [ex for i, ex in enumerate(validation) if i not in contaminated]
         evidence["contamination"] = {
             "threshold": threshold,
+            "removed_from_validation": len(hits) if clean_validation else 0,
             "validation_examples_in_training": len(hits),
             "examples": [
                 {

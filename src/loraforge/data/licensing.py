@@ -93,21 +93,29 @@ class Decision:
 
 @dataclass
 class LicenseReport:
-    manifest: LicenseManifest | None
+    manifests: list[LicenseManifest]
     policy: Policy
+    missing: list[str] = field(default_factory=list)  # dataset files without a manifest
     decisions: list[Decision] = field(default_factory=list)
     uncovered: list[tuple[str, int]] = field(default_factory=list)  # (file, line) of records no source covers
     examples_per_source: dict[str, int] = field(default_factory=dict)
 
     @property
+    def manifest(self) -> LicenseManifest | None:
+        """The first manifest (the training data's), if any."""
+        return self.manifests[0] if self.manifests else None
+
+    @property
+    def sources(self) -> list[Source]:
+        return [s for m in self.manifests for s in m.sources]
+
+    @property
     def ok(self) -> bool:
-        return self.manifest is not None and not self.uncovered and not any(d.blocks_training for d in self.decisions)
+        return not self.missing and not self.uncovered and not any(d.blocks_training for d in self.decisions)
 
     def problems(self) -> list[str]:
         """Plain-language reasons training is refused (empty when it may go ahead)."""
-        out = []
-        if self.manifest is None:
-            out.append("no licence manifest")
+        out = [f"{f}: no licence manifest" for f in self.missing]
         for d in self.decisions:
             if d.verdict == "deny":
                 out.append(f"{d.source}: licence {d.license} is denied by policy {self.policy.name} ({d.rule})")
@@ -125,13 +133,15 @@ class LicenseReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "manifest": {"path": str(self.manifest.path), "sha256": self.manifest.sha256} if self.manifest else None,
+            "manifests": [{"path": str(m.path), "sha256": m.sha256} for m in self.manifests],
+            "files_without_manifest": self.missing,
             "policy": {"name": self.policy.name, "path": str(self.policy.path), "sha256": self.policy.sha256},
             "sources": [
                 {
                     **{k: v for k, v in asdict(s).items() if v is not None},
                     "examples": self.examples_per_source.get(s.label, 0),
                 }
-                for s in (self.manifest.sources if self.manifest else ())
+                for s in self.sources
             ],
             "decisions": [asdict(d) for d in self.decisions],
             "uncovered_records": len(self.uncovered),
@@ -171,7 +181,10 @@ def spdx_ids() -> dict[str, str]:
 
 def check_spdx(license_id: str, where: str) -> str:
     """Return the canonical SPDX id, or raise with the closest matches."""
-    if (license_id.startswith("LicenseRef-") and len(license_id) > len("LicenseRef-")) or license_id in _SPECIAL:
+    for special in (*_SPECIAL, PROPRIETARY):
+        if license_id.lower() == special.lower():
+            return special
+    if license_id.startswith("LicenseRef-") and len(license_id) > len("LicenseRef-"):
         return license_id
     ids = spdx_ids()
     canonical = ids.get(license_id.lower())
@@ -204,7 +217,7 @@ def load_manifest(path: str | Path) -> LicenseManifest:
         where = f"{p}:{line}"
         if not isinstance(entry, dict):
             raise LicenseError(f"{where}: each source must be a mapping, got {type(entry).__name__}")
-        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        unknown = sorted(map(str, set(entry) - set(SOURCE_KEYS)))
         if unknown:
             raise LicenseError(
                 f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(SOURCE_KEYS)}"
@@ -218,6 +231,8 @@ def load_manifest(path: str | Path) -> LicenseManifest:
             raise LicenseError(f"{where}: personal_data must be true or false, got {entry['personal_data']!r}")
         if bool(entry.get("approved_by")) != bool(entry.get("reason")):
             raise LicenseError(f"{where}: an approval needs both approved_by and reason")
+        if not isinstance(entry["license"], str):
+            raise LicenseError(f"{where}: license must be an SPDX id (text), got {entry['license']!r}")
         strings = {
             k: (str(entry[k]) if entry.get(k) not in (None, "") else None) for k in SOURCE_KEYS if k != "personal_data"
         }
@@ -254,7 +269,7 @@ def load_policy(path: str | Path | None = None) -> Policy:
     text, data, _ = _read_yaml(p, "licence policy")
     if not isinstance(data, dict):
         raise LicenseError(f"{p}: expected a mapping with allow, review and deny lists")
-    unknown = sorted(set(data) - {"name", "version", "default", "allow", "review", "deny"})
+    unknown = sorted(map(str, set(data) - {"name", "version", "default", "allow", "review", "deny"}))
     if unknown:
         raise LicenseError(
             f"{p}: unknown key(s) {', '.join(unknown)}; known: name, version, default, allow, review, deny"
@@ -267,6 +282,9 @@ def load_policy(path: str | Path | None = None) -> Policy:
         value = data.get(key) or []
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise LicenseError(f"{p}: {key} must be a list of SPDX ids or patterns")
+        for pattern in value:
+            if not any(c in pattern for c in "*?["):
+                check_spdx(pattern, f"{p}: {key}")  # a typo would silently never match
         lists[key] = tuple(value)
     return Policy(
         str(data.get("name") or p.stem),
@@ -286,15 +304,18 @@ def decide(source: Source, policy: Policy) -> Decision:
     def first(patterns: tuple[str, ...]) -> str | None:
         return next((pat for pat in patterns if fnmatch.fnmatchcase(lic, pat)), None)
 
-    if lic == PROPRIETARY and not source.permission:
-        return Decision(source.label, lic, "deny", f"{PROPRIETARY} without a recorded permission")
+    if lic.lower() == PROPRIETARY.lower():
+        if not source.permission:
+            return Decision(source.label, lic, "deny", f"{PROPRIETARY} without a recorded permission")
+        return Decision(source.label, lic, "allow", f"{PROPRIETARY} with permission: {source.permission}")
     verdict: Verdict
+    # the most restrictive matching rule wins: deny, then review, then allow
     if (pat := first(policy.deny)) is not None:
         verdict, rule = "deny", f"deny rule {pat!r}"
-    elif (pat := first(policy.allow)) is not None:
-        verdict, rule = "allow", f"allow rule {pat!r}"
     elif (pat := first(policy.review)) is not None:
         verdict, rule = "review", f"review rule {pat!r}"
+    elif (pat := first(policy.allow)) is not None:
+        verdict, rule = "allow", f"allow rule {pat!r}"
     else:
         verdict, rule = policy.default, f"not listed; the policy's default is {policy.default}"
     cleared = f"{source.approved_by}: {source.reason}" if verdict == "review" and source.approved_by else None
@@ -316,27 +337,34 @@ def check_licensing(
         policy: a policy path (default: the shipped policy).
     """
     pol = load_policy(policy)
-    report = LicenseReport(None, pol)
-    seen: set[Path] = set()
-    for path, examples in datasets:
-        mpath = Path(manifest) if manifest else manifest_path_for(path)
+    report = LicenseReport([], pol)
+    loaded: dict[Path, LicenseManifest] = {}
+    for i, (path, examples) in enumerate(datasets):
+        # an explicit manifest is the training data's; other files keep their own beside them
+        explicit = Path(manifest) if manifest and i == 0 else None
+        mpath = explicit or manifest_path_for(path)
+        if explicit is not None and not explicit.is_file():
+            raise LicenseError(
+                f"licence manifest {explicit} {'is not a file' if explicit.exists() else 'does not exist'}"
+            )
+        if not mpath.is_file() and manifest and i > 0:
+            mpath = Path(manifest)  # a validation file without its own manifest falls under the given one
         if not mpath.is_file():
-            if manifest:
-                raise LicenseError(f"licence manifest {mpath} does not exist")
-            report.manifest = None
+            report.missing.append(str(path))
             report.uncovered.extend((str(path), ex.line) for ex in examples)
-            return report
-        m = load_manifest(mpath)
-        if mpath.resolve() not in seen:
-            seen.add(mpath.resolve())
-            report.manifest = m if report.manifest is None else report.manifest
-            report.decisions.extend(decide(s, pol) for s in m.sources)
+            continue
+        key = mpath.resolve()
+        if key not in loaded:
+            loaded[key] = load_manifest(mpath)
+            report.manifests.append(loaded[key])
+            report.decisions.extend(decide(s, pol) for s in loaded[key].sources)
+        m = loaded[key]
         by_tag = {s.source: s for s in m.sources if s.source}
         by_file = {(m.path.parent / s.path).resolve(): s for s in m.sources if s.path}
         file_source = by_file.get(Path(path).resolve())
         for ex in examples:
-            src = by_tag.get(ex.source) if ex.source else None
-            src = src or file_source
+            # a record's tag must name a source: a typo must not fall back to the file's licence
+            src = by_tag.get(ex.source) if ex.source else file_source
             if src is None:
                 report.uncovered.append((str(path), ex.line))
             else:

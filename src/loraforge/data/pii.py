@@ -67,8 +67,21 @@ class Finding:
     def masked(self) -> str:
         """The value with most characters hidden, for reports that must not repeat the data."""
         t = self.text
+        if self.type.startswith("SECRET"):
+            return f"[{len(t)} characters]"  # no part of a secret is shown
         keep = 2 if len(t) > 6 else 1
         return t[:keep] + "•" * max(1, len(t) - 2 * keep) + t[-keep:]
+
+
+# A number right after one of these words is an order, ticket or product number, not personal data.
+_REFERENCE_BEFORE = re.compile(
+    r"(?i)(?:order|invoice|ticket|ref(?:erence)?|tracking|sku|upc|ean|imei|serial|s/?n|model|part|item|case|"
+    r"version|v|release|firmware|build|#)\s*(?:no\.?|nr\.?|number|num\.?|id)?\s*[:#]?\s*$"
+)
+
+
+def _is_reference(text: str, start: int) -> bool:
+    return bool(_REFERENCE_BEFORE.search(text[max(0, start - 24) : start]))
 
 
 def _validated(
@@ -78,7 +91,7 @@ def _validated(
 
     def find(text: str) -> Iterable[tuple[int, int]]:
         for m in rx.finditer(text):
-            if check(m.group(0)):
+            if check(m.group(0)) and not _is_reference(text, m.start()):
                 yield m.span()
 
     return find
@@ -148,7 +161,7 @@ _ADDRESS_PATTERNS = [
     rf"\b\d{{1,5}}[A-Za-z]?,?\s+(?:[A-Z][\w'-]*\.?\s+){{1,4}}(?:{_STREET_TYPES})\b(?:\s+(?:NW|NE|SW|SE|N|S|E|W)\b)?"
     r"(?:,?\s+(?:Apt|Suite|Unit|Flat)\.?\s*\w+)?",
     # Hauptstraße 5, Lindenallee 12a, Am Markt 3 (German)
-    r"\b[A-ZÄÖÜ][a-zäöüß]+(?:straße|strasse|str\.|weg|allee|platz|gasse|ring|damm)\s+\d{1,4}[a-z]?\b",
+    r"\b[A-ZÄÖÜ][a-zäöüß]+(?:straße|strasse|str\.|weg|allee|platz|gasse|damm)\s+\d{1,4}[a-z]?\b",
     # 12 rue de la Paix, 3 avenue Victor Hugo (French)
     r"\b\d{1,4}(?:\s?(?:bis|ter))?,?\s+(?:rue|avenue|av\.|boulevard|bd|place|impasse|allée|chemin|quai)\s+"
     r"(?:(?:de|du|des|la|le|l'|d')\s*)*[A-ZÉ][\w'-]+(?:\s+[A-ZÉ][\w'-]+)*",
@@ -158,9 +171,71 @@ _ADDRESS_PATTERNS = [
 ]
 _ADDRESS_RX = [re.compile(p) for p in _ADDRESS_PATTERNS]
 _TITLES = r"(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Herr|Frau|Mme|Mlle|M\.|Sr|Sra|Srta|Don|Doña)\.?"
-_NAME_WORD = r"[A-ZÀ-ÖØ-Þ][a-zà-öø-ÿ'’-]+"
-_TITLE_NAME_RX = re.compile(rf"\b{_TITLES}\s+{_NAME_WORD}(?:\s+{_NAME_WORD})?")
-_CAP_PAIR_RX = re.compile(rf"\b(?=({_NAME_WORD})((?:\s+(?:van|von|de|da|del|di|le|la|van der)\s+|\s+){_NAME_WORD}))")
+_NAME_WORD = r"[A-ZÀ-ÖØ-Þ][a-zà-öø-ÿ'’]+(?:-[A-ZÀ-ÖØ-Þ][a-zà-öø-ÿ'’]+)*"
+_PARTICLE = r"(?:\s+(?:van der|van|von|de la|de|da|del|di|le|la)\s+|\s+)"
+_TITLE_NAME_RX = re.compile(rf"\b{_TITLES}\s+{_NAME_WORD}(?:{_PARTICLE}{_NAME_WORD}){{0,3}}")
+# A first name, then one to three more name words ("Anna Maria Schmidt", "Juan Carlos Rodríguez Pérez").
+_CAP_PAIR_RX = re.compile(rf"(?<![\w-])(?=({_NAME_WORD})((?:{_PARTICLE}{_NAME_WORD}){{1,3}}))")
+# Words that make "First Second" a thing rather than a person ("Olive Oil", "Ruby Red", "Max Pro").
+_NOT_SURNAMES = {
+    "Oil",
+    "Ale",
+    "Red",
+    "Blue",
+    "Green",
+    "White",
+    "Black",
+    "Grey",
+    "Gray",
+    "Pink",
+    "Gold",
+    "Silver",
+    "Day",
+    "Days",
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Period",
+    "Station",
+    "Avenue",
+    "Street",
+    "Road",
+    "Lane",
+    "Beach",
+    "Alert",
+    "Clear",
+    "Scanner",
+    "League",
+    "Sports",
+    "Jar",
+    "Boots",
+    "Pro",
+    "Max",
+    "Plus",
+    "Ultra",
+    "Mini",
+    "Lite",
+    "Air",
+    "Edition",
+    "Series",
+    "Model",
+    "Plan",
+    "Care",
+    "City",
+    "Trek",
+    "Cargo",
+    "Classic",
+    "Sprint",
+    "Park",
+    "Hotel",
+    "Airport",
+    "Bridge",
+    "Square",
+}
 # Capitalised words that are first names in some culture but rarely names in prose.
 _NOT_NAMES = {
     "Will",
@@ -276,7 +351,8 @@ def _persons(text: str) -> Iterable[tuple[int, int]]:
         yield m.span()
     is_first = _first_names()
     for m in _CAP_PAIR_RX.finditer(text):  # overlapping: "I'm Maria Garcia" tries "Maria Garcia" too
-        if is_first(m.group(1)):
+        words = m.group(2).split()
+        if is_first(m.group(1).split("-")[0]) and words[0] not in _NOT_SURNAMES:
             yield m.start(1), m.end(2)
 
 
@@ -300,6 +376,9 @@ def _nhs(text: str) -> Iterable[tuple[int, int]]:
 
 
 _PHONE_REGIONS = ("US", "GB", "DE", "FR", "ES", "IN")
+_PHONE_WORDS = re.compile(
+    r"(?i)(?:phone|tel|call|mobile|cell|whatsapp|fax|sms|text me|ring|number|telefon|téléphone|teléfono|móvil|handy)"
+)
 _DIGIT_RUN = re.compile(r"\d[\d\s().+/-]{5,}\d")
 
 
@@ -312,7 +391,11 @@ def _phones(text: str) -> Iterable[tuple[int, int]]:
     for region in _PHONE_REGIONS:
         for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
             span = (match.start, match.end)
-            if span not in seen:
+            if span in seen or _is_reference(text, match.start):
+                continue
+            # a bare run of digits is a phone number only when something says so
+            formatted = bool(re.search(r"[+()\s.-]", match.raw_string))
+            if formatted or _PHONE_WORDS.search(text[max(0, match.start - 30) : match.start]):
                 seen.add(span)
                 yield span
 
@@ -365,9 +448,12 @@ class Redactor:
     (so a conversation stays coherent), different values get different numbers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, existing_text: str = "") -> None:
         self.placeholders: dict[tuple[str, str], str] = {}
         self.counts: Counter[str] = Counter()
+        # text redacted before keeps its placeholders: new numbers start after the highest one
+        for kind, n in re.findall(r"<([A-Z_]+)_(\d+)>", existing_text):
+            self.counts[kind] = max(self.counts[kind], int(n))
 
     def redact(self, text: str, findings: list[Finding]) -> str:
         parts, pos = [], 0

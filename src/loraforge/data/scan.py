@@ -80,7 +80,7 @@ def scan_examples(examples: list[Example], action: PiiAction = "report") -> tupl
         if action == "drop":
             report.dropped += 1
         elif action == "redact":
-            redactor = Redactor()
+            redactor = Redactor(" ".join(m.content for m in ex.messages))
             messages = tuple(
                 dataclasses.replace(m, content=redactor.redact(m.content, fs)) if fs else m
                 for m, fs in zip(ex.messages, per_message, strict=True)

@@ -19,7 +19,7 @@ _KNOWN = [
     ("AWS_ACCESS_KEY", r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b"),
     ("GITHUB_TOKEN", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b"),
     ("GITLAB_TOKEN", r"\bglpat-[A-Za-z0-9_-]{20,}\b"),
-    ("SLACK_TOKEN", r"\bxox[abposr]-(?:[A-Za-z0-9]+-?){2,}\b"),
+    ("SLACK_TOKEN", r"\bxox[abposr]-[A-Za-z0-9]+(?:-[A-Za-z0-9]+)+"),
     ("STRIPE_KEY", r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}\b"),
     ("GOOGLE_API_KEY", r"\bAIza[0-9A-Za-z_-]{35}\b"),
     ("OPENAI_KEY", r"\bsk-(?:proj-|svcacct-)?[A-Za-z0-9_-]{20,}\b"),

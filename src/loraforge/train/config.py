@@ -135,7 +135,7 @@ class TrainConfig:
             0 < self.near_duplicate_threshold <= 1,
             f"near_duplicate_threshold must be in (0, 1], got {self.near_duplicate_threshold}",
         )
-        need(self.canaries >= 0, f"canaries must be >= 0, got {self.canaries}")
+        need(0 <= self.canaries <= 900, f"canaries must be in [0, 900], got {self.canaries}")
         need(self.canary_repeats >= 1, f"canary_repeats must be >= 1, got {self.canary_repeats}")
         need(self.threads is None or self.threads > 0, f"threads must be > 0, got {self.threads}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")

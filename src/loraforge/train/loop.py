@@ -124,6 +124,7 @@ def _load_split(
         canaries=config.canaries,
         canary_repeats=config.canary_repeats,
         seed=config.seed,
+        clean_validation=not config.validation,
     )
     if not val_kept:
         raise DataError("no validation example is left after the PII action; use --pii redact instead of drop")
@@ -149,7 +150,7 @@ def check_training_licences(
         problems = "\n".join(f"- {p}" for p in report.problems())
         hint = (
             f"\nwrite a manifest ({manifest_path_for(config.data).name}, see docs/data.md) or pass --allow-unlicensed"
-            if report.manifest is None or report.uncovered
+            if report.missing or report.uncovered
             else ""
         )
         raise LicenseError(f"training refused by the licence check:\n{problems}{hint}")
