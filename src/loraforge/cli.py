@@ -125,8 +125,6 @@ def data_check(
         allow_unlicensed=allow_unlicensed,
         against=against,
         threshold=threshold,
-        format=format,
-        columns=columns,
     )
     if as_json:
         payload = {

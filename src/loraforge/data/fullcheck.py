@@ -24,8 +24,6 @@ def governance_checks(
     allow_unlicensed: bool = False,
     against: Path | None = None,
     threshold: float = 0.8,
-    format: str = "auto",
-    columns: str | None = None,
 ) -> tuple[LicenseReport | None, dict[str, Any]]:
     """Licences, PII, secrets, near duplicates and (with ``against``) contamination of a checked dataset.
 
@@ -47,7 +45,7 @@ def governance_checks(
                 report.problems.insert(
                     0, Problem(str(path), 0, "licence", "licence_policy", message, "warning" if lenient else "error")
                 )
-    return licensing, _content_findings(report, licensing, against, threshold, format, columns)
+    return licensing, _content_findings(report, licensing, against, threshold)
 
 
 def _content_findings(
@@ -55,8 +53,6 @@ def _content_findings(
     licensing: LicenseReport | None,
     against: Path | None,
     threshold: float,
-    format: str,
-    columns: str | None,
 ) -> dict[str, Any]:
     """PII, secrets, near duplicates and contamination of a checked dataset; adds warnings to ``report``."""
     if not 0 < threshold <= 1:
