@@ -90,9 +90,6 @@ class _Collector:
     def error(self, line: int, fld: str, code: str, message: str) -> None:
         self.result.problems.append(Problem(self.file, line, fld, code, message))
 
-    def warn(self, line: int, fld: str, code: str, message: str) -> None:
-        self.result.problems.append(Problem(self.file, line, fld, code, message, "warning"))
-
 
 def load_dataset(path: str | Path, format: Format = "auto", columns: dict[str, str] | None = None) -> LoadResult:
     """Read a dataset file into chat examples, collecting every problem found.

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from loraforge.data.formats import Example, Message
+from loraforge.data.formats import Example
 from loraforge.data.pii import Finding, PiiAction, Redactor, find_pii
 from loraforge.data.secrets_scan import find_secrets
 
@@ -106,4 +106,4 @@ def example_to_chat(example: Example) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Message", "ScanReport", "example_to_chat", "scan_examples", "scan_text"]
+__all__ = ["ScanReport", "example_to_chat", "scan_examples", "scan_text"]

@@ -33,7 +33,6 @@ _ASSIGNMENT = re.compile(
     r"""["']?\s*[:=]\s*["']?([^\s"',;]{8,})"""
 )
 HEX = set("0123456789abcdefABCDEF")
-BASE64 = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_-")
 
 
 def shannon_entropy(s: str) -> float:
