@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from loraforge import _cli_serve
 from loraforge.errors import ConfigError, LoraforgeError
 
 app = typer.Typer(
@@ -25,6 +26,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Check datasets before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.command("serve")(_cli_serve.serve)
+app.add_typer(_cli_serve.keys_app, name="keys")
+app.add_typer(_cli_serve.adapters_app, name="adapters")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -7,14 +7,11 @@ known ones, and flags given on the command line override the file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from loraforge._config import read_config_file
 from loraforge.data.formats import FORMATS
 from loraforge.errors import ConfigError
 from loraforge.models.sources import DEFAULT_BASE_MODEL
@@ -182,61 +179,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
         ConfigError: unreadable YAML (with its line), unknown keys (with close matches and the
             list of known keys), or invalid values.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read the config file {p}: {e}") from e
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of option: value, got {type(loaded).__name__}")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-        unknown = [k for k in values if k not in KNOWN_KEYS]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, KNOWN_KEYS, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"{p}: unknown key(s) {', '.join(hints)}; known keys: {', '.join(KNOWN_KEYS)}")
-        types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-        for k, v in values.items():
-            if types[k].startswith("float") and isinstance(v, str):
-                values[k] = v = _number(v)  # YAML 1.1 reads 1e-3 as a string
-            _check_type(k, v, types[k], p)
+    values: dict[str, Any] = read_config_file(path, TrainConfig) if path is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)
-
-
-def _number(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _check_type(key: str, value: Any, annotation: str, path: Path) -> None:
-    ok = True
-    if value is None:
-        ok = "None" in annotation
-    elif annotation.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif annotation.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif annotation.startswith("float"):
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    elif annotation.startswith("str"):
-        ok = isinstance(value, str)
-    elif annotation.startswith("list"):
-        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(x, str) for x in value))
-    if not ok:
-        raise ConfigError(f"{path}: {key}: expected {annotation}, got {value!r}")
 
 
 __all__ = ["KNOWN_KEYS", "TrainConfig", "load_config"]

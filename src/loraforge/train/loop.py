@@ -521,6 +521,10 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
                 "metrics": "metrics.jsonl",
                 "loss_curve": "loss.png",
             },
+            # Verified by `loraforge adapters add` and by the server before it loads the weights.
+            "checksums": {
+                name: sha256_file(output / name) for name in ("adapter_config.json", "adapter_model.safetensors")
+            },
             "fingerprint": fingerprint,
         }
         write_text_atomic(output / "manifest.json", json.dumps(manifest, indent=2))

@@ -1,0 +1,152 @@
+"""``loraforge serve``, ``loraforge keys …`` and ``loraforge adapters …``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loraforge.errors import ConfigError
+
+console = Console()
+Home = Annotated[
+    Path | None, typer.Option("--home", help="State directory (default: $LORAFORGE_HOME or ~/.loraforge).")
+]
+keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+adapters_app = typer.Typer(help="The adapters a server can serve: add, list, remove.", no_args_is_help=True)
+
+
+def _home(home: Path | None) -> Path:
+    from loraforge.home import resolve_home
+
+    return resolve_home(home)
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def serve(
+    config: Annotated[Path | None, typer.Option(help="Server YAML config (see docs/serving.md).")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    home: Home = None,
+) -> None:
+    """Serve the base model and the registered adapters behind an OpenAI-compatible API."""
+    import os
+
+    from loraforge.serve.config import load_serve_config
+    from loraforge.serve.server import run_server
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = load_serve_config(config, {"host": host, "port": port})
+    run_server(cfg, _home(home))
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")],
+    role: Annotated[str, typer.Option(help="user, or admin (admin endpoints, /metrics, all usage).")] = "user",
+    home: Home = None,
+) -> None:
+    """Create an API key and print it once (only its hash is stored)."""
+    from loraforge.govern.audit import AuditLog
+    from loraforge.serve.keys import KeyStore
+
+    h = _home(home)
+    key, record = KeyStore(h).create(tenant, role)
+    AuditLog(h).record(_actor(), "key.create", record.id, tenant=tenant, role=role)
+    console.print(key, highlight=False, soft_wrap=True)
+    console.print(
+        f"[dim]key id {record.id} · tenant {tenant} · role {role} — store it now: it cannot be shown again[/]",
+        highlight=False,
+    )
+
+
+@keys_app.command("list")
+def keys_list(home: Home = None) -> None:
+    """List keys (ids, tenants, roles; never the keys)."""
+    from loraforge.serve.keys import KeyStore
+
+    table = Table("id", "tenant", "role", "created", "revoked")
+    for r in KeyStore(_home(home)).records():
+        table.add_row(r.id, r.tenant, r.role, _when(r.created_at), _when(r.revoked_at))
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id shown by `keys list`.")], home: Home = None
+) -> None:
+    """Revoke a key; a running server refuses it from its next request."""
+    from loraforge.govern.audit import AuditLog
+    from loraforge.serve.keys import KeyStore
+
+    h = _home(home)
+    record = KeyStore(h).revoke(key_id)
+    AuditLog(h).record(_actor(), "key.revoke", key_id, tenant=record.tenant)
+    console.print(f"revoked key {key_id} (tenant {record.tenant})")
+
+
+@adapters_app.command("add")
+def adapters_add(
+    directory: Annotated[Path, typer.Argument(help="A trained adapter directory (from `loraforge train`).")],
+    name: Annotated[str, typer.Option(help="The model name clients will use.")],
+    tenant: Annotated[str | None, typer.Option(help="The tenant that owns it (only it can use it).")] = None,
+    public: Annotated[bool, typer.Option("--public", help="Every tenant may use it.")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an adapter of the same name.")] = False,
+    home: Home = None,
+) -> None:
+    """Register a trained adapter so the server can serve it under NAME."""
+    from loraforge.govern.audit import AuditLog
+    from loraforge.serve.adapters import AdapterStore
+
+    if public == (tenant is not None):
+        raise ConfigError("give exactly one of --tenant NAME or --public")
+    h = _home(home)
+    reg = AdapterStore(h).add(directory, name, tenant=tenant, replace=replace)
+    AuditLog(h).record(
+        _actor(), "adapter.add", name, tenant=tenant, public=public, sha256=reg.weights_sha256, source=reg.source
+    )
+    owner = "public" if reg.public else f"tenant {reg.tenant}"
+    console.print(
+        f"registered [bold]{name}[/] ({owner}) on {reg.base_model}, weights sha256 {reg.weights_sha256[:12]}…"
+    )
+
+
+@adapters_app.command("list")
+def adapters_list(home: Home = None) -> None:
+    """List registered adapters and their owners."""
+    from loraforge.serve.adapters import AdapterStore
+
+    table = Table("name", "owner", "base model", "weights sha256", "added")
+    for r in AdapterStore(_home(home)).registrations():
+        table.add_row(
+            r.name, "public" if r.public else r.tenant or "", r.base_model, r.weights_sha256[:12], _when(r.added_at)
+        )
+    console.print(table)
+
+
+@adapters_app.command("remove")
+def adapters_remove(name: Annotated[str, typer.Argument(help="Adapter name.")], home: Home = None) -> None:
+    """Unregister an adapter (its copy in the store is deleted)."""
+    from loraforge.govern.audit import AuditLog
+    from loraforge.serve.adapters import AdapterStore
+
+    h = _home(home)
+    if not AdapterStore(h).remove(name):
+        raise ConfigError(f"no adapter named {name!r}; `loraforge adapters list` shows them")
+    AuditLog(h).record(_actor(), "adapter.remove", name)
+    console.print(f"removed {name}")

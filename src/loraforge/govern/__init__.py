@@ -1,0 +1,1 @@
+"""Governance: the audit log (and, later, the registry, approvals and compliance evidence)."""

@@ -1,0 +1,1 @@
+"""Serving: an OpenAI-compatible API over many adapters and tenants (``loraforge serve``)."""

@@ -1,0 +1,263 @@
+"""The HTTP layer: thin routes over ``InferenceService``, one error handler, auth, body limits.
+
+Endpoints::
+
+    POST /v1/chat/completions   POST /v1/completions     GET /v1/models[/{id}]   GET /v1/usage
+    GET  /health  /ready  /metrics
+    GET  /v1/admin/adapters  POST /v1/admin/adapters/load  POST /v1/admin/adapters/unload
+         (admin keys only, and only when ``admin_endpoints`` is switched on)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, MutableMapping
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraforge.govern.audit import AuditLog
+from loraforge.serve.adapters import AdapterCache, AdapterStore
+from loraforge.serve.config import ServeConfig
+from loraforge.serve.keys import KeyRecord, KeyStore
+from loraforge.serve.metrics import Metrics
+from loraforge.serve.protocol import ChatCompletionRequest, CompletionRequest, LoadRequest, ModelList
+from loraforge.serve.service import APIError, InferenceService, not_found, sse
+
+log = logging.getLogger("loraforge.serve")
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/usage",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/v1/admin/adapters",
+    "/v1/admin/adapters/load",
+    "/v1/admin/adapters/unload",
+)
+
+
+class Envelope:
+    """ASGI middleware: request ids, the body size limit, and per-route request metrics.
+
+    Written against raw ASGI (not ``BaseHTTPMiddleware``) so that streaming responses and
+    client disconnects pass through untouched.
+    """
+
+    def __init__(self, app: Any, *, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        path = scope.get("path", "")
+        route = "/v1/models/{id}" if path.startswith("/v1/models/") else path if path in ROUTES else "other"
+        started = time.perf_counter()
+        status = 500
+        too_large = APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
+
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise too_large
+            return message
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                self.metrics.errors.labels("body_too_large").inc()
+                await JSONResponse(too_large.body(), status_code=413)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def create_app(
+    config: ServeConfig,
+    service: InferenceService,
+    *,
+    keys: KeyStore,
+    store: AdapterStore,
+    cache: AdapterCache | None,
+    audit: AuditLog,
+    metrics: Metrics,
+) -> FastAPI:
+    """Build the application; every dependency is handed in (no module-level state)."""
+    app = FastAPI(title="loraforge", docs_url=None, redoc_url=None, openapi_url=None)
+    if config.admin_endpoints:
+        log.warning("admin endpoints are ON: admin keys can load and unload adapters over HTTP")
+
+    # -- errors: every failure leaves in OpenAI's shape ----------------------------------------
+
+    def error_response(err: APIError) -> JSONResponse:
+        metrics.errors.labels(err.code or str(err.status)).inc()
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after and err.status in (429, 503) else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            message, param = "The request body is not valid JSON.", None
+        else:
+            param = ".".join(loc) or None
+            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+            if "input" in first and first.get("type") != "missing":
+                message += f" (got {json.dumps(first['input'], default=str)[:100]})"
+        return error_response(APIError(400, message, param=param, code="invalid_request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(APIError(err.status_code, str(err.detail), code=f"http_{err.status_code}"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(APIError(500, "internal server error", code="internal_error"))
+
+    app.add_middleware(Envelope, max_body_bytes=config.max_body_bytes, metrics=metrics)
+
+    # -- auth ----------------------------------------------------------------------------------
+
+    def caller(request: Request) -> KeyRecord:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "Missing API key: send 'Authorization: Bearer KEY'.", code="missing_api_key")
+        record = keys.authenticate(token.strip())
+        if record is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return record
+
+    def admin(request: Request) -> KeyRecord:
+        if not config.admin_endpoints:
+            raise APIError(404, f"{request.url.path} does not exist", code="not_found")
+        record = caller(request)
+        if record.role != "admin":
+            raise APIError(403, "This endpoint needs an admin key.", code="admin_required")
+        return record
+
+    # -- routes --------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict[str, Any]:
+        return {"status": "ready", "model": service.engine.model_id, **service.engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics_endpoint(request: Request) -> Response:
+        if not config.public_metrics:
+            record = caller(request)
+            if record.role != "admin":
+                raise APIError(403, "/metrics needs an admin key (or public_metrics: true).", code="admin_required")
+        stats = service.engine.stats()
+        metrics.queue_depth.set(stats["queue_depth"])
+        metrics.batch_size.set(stats["batch_size"])
+        metrics.loaded_adapters.set(len(cache.loaded()) if cache else 0)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(key: KeyRecord = Depends(caller)) -> dict[str, Any]:  # noqa: B008
+        return ModelList(data=service.models(key)).model_dump()
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, key: KeyRecord = Depends(caller)) -> dict[str, Any]:  # noqa: B008
+        return service.model(key, model_id).model_dump()
+
+    async def respond(stream: bool, items: AsyncIterator[dict[str, Any]]) -> Response:
+        if not stream:
+            body = None
+            async for item in items:
+                body = item
+            return JSONResponse(body)
+        # Fail before the first byte when we can (rate limits, engine errors at admission).
+        first = await anext(items)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield sse(first)
+                async for item in items:
+                    yield sse(item)
+                yield "data: [DONE]\n\n"
+            except APIError as e:  # headers are gone: report in the stream, OpenAI-style
+                yield sse(e.body())
+            finally:
+                await items.aclose()  # type: ignore[attr-defined]
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, key: KeyRecord = Depends(caller)) -> Response:  # noqa: B008
+        _, items = await service.chat(key, req)
+        return await respond(req.stream, items)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, key: KeyRecord = Depends(caller)) -> Response:  # noqa: B008
+        _, items = await service.completion(key, req)
+        return await respond(req.stream, items)
+
+    @app.get("/v1/usage")
+    async def usage(request: Request, key: KeyRecord = Depends(caller)) -> dict[str, Any]:  # noqa: B008
+        tenant = request.query_params.get("tenant", key.tenant)
+        if tenant != key.tenant and key.role != "admin":
+            raise APIError(403, "Only admin keys can read another tenant's usage.", code="admin_required")
+        return service.usage.summary(tenant)
+
+    @app.get("/v1/admin/adapters")
+    async def admin_adapters(key: KeyRecord = Depends(admin)) -> dict[str, Any]:  # noqa: B008
+        loaded = set(cache.loaded()) if cache else set()
+        return {"data": [{**asdict(r), "loaded": r.name in loaded} for r in store.registrations()]}
+
+    @app.post("/v1/admin/adapters/load")
+    async def admin_load(req: LoadRequest, key: KeyRecord = Depends(admin)) -> dict[str, Any]:  # noqa: B008
+        reg = store.get(req.name)
+        if reg is None:
+            raise not_found(req.name)
+        await service.resolve(KeyRecord(key.id, "", reg.tenant or key.tenant, "admin", 0), req.name)
+        audit.record(f"key:{key.id}", "adapter.load", req.name, tenant=key.tenant)
+        return {"name": req.name, "loaded": True}
+
+    @app.post("/v1/admin/adapters/unload")
+    async def admin_unload(req: LoadRequest, key: KeyRecord = Depends(admin)) -> dict[str, Any]:  # noqa: B008
+        if cache is None or not cache.unload(req.name):
+            raise APIError(404, f"adapter {req.name!r} is not loaded", code="not_loaded", param="name")
+        audit.record(f"key:{key.id}", "adapter.unload", req.name, tenant=key.tenant)
+        return {"name": req.name, "loaded": False}
+
+    return app

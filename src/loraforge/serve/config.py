@@ -1,0 +1,76 @@
+"""The server's configuration: one dataclass, read once from ``--config YAML`` and the flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraforge._config import read_config_file
+from loraforge.errors import ConfigError
+from loraforge.models.sources import DEFAULT_BASE_MODEL
+
+
+@dataclass
+class ServeConfig:
+    """Every server setting and its default. Limits apply per API key."""
+
+    base_model: str = DEFAULT_BASE_MODEL
+    """The base model served (a packaged model name or a local Hugging Face directory)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 16
+    """Rows decoded together in one step (each choice of each request is a row)."""
+    max_queue_wait_s: float = 60.0
+    """A request that gets no batch slot within this time is answered 503 with Retry-After."""
+    max_loaded_adapters: int = 8
+    """Adapters kept in memory; the least recently used is dropped first."""
+    requests_per_minute: int = 600
+    tokens_per_minute: int = 200_000
+    """Prompt tokens plus max_tokens, reserved when a request starts; unused tokens are returned."""
+    max_concurrent_requests: int = 16
+    max_body_bytes: int = 1_000_000
+    request_timeout_s: float = 300.0
+    default_max_tokens: int = 512
+    """Chat completions without max_tokens generate up to this many tokens (or to the context end)."""
+    price_per_1k_prompt_tokens: float = 0.0
+    price_per_1k_completion_tokens: float = 0.0
+    admin_endpoints: bool = False
+    """Hot loading and unloading of adapters over HTTP (admin keys only). Off unless switched on."""
+    public_metrics: bool = False
+    """Serve /metrics without an admin key (it names tenants and adapters)."""
+    threads: int | None = None
+    """PyTorch threads for the engine (default: PyTorch's choice, one per core)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        positive = (
+            "port",
+            "max_batch_size",
+            "max_loaded_adapters",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "max_concurrent_requests",
+            "max_body_bytes",
+            "default_max_tokens",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queue_wait_s", "request_timeout_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("price_per_1k_prompt_tokens", "price_per_1k_completion_tokens"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.port > 65535:
+            problems.append(f"port must be <= 65535, got {self.port}")
+        if problems:
+            raise ConfigError("invalid server config: " + "; ".join(problems))
+
+
+def load_serve_config(path: str | Path | None, overrides: dict[str, Any]) -> ServeConfig:
+    """The config from a YAML file (optional) with flag overrides (``None`` values are ignored)."""
+    values = read_config_file(path, ServeConfig) if path is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeConfig(**values)

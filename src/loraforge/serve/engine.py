@@ -1,0 +1,435 @@
+"""The in-process inference engine: continuous batching of many adapters over one base model.
+
+Requests join and leave the running batch between decode steps. A request is prefilled alone
+(its prompt in one forward pass, keys and values written to its own KV slot), then decodes one
+token per step together with every other running row, whatever adapter each row uses. Rows are
+kept grouped by adapter so each LoRA delta runs on a contiguous slice (see ``runner.py``).
+
+The server talks to the engine through the ``Engine`` protocol, so another backend (vLLM) can
+take its place. Events reach the caller's event loop through ``call_soon_threadsafe``; the
+engine runs in its own thread because PyTorch releases the GIL during the heavy work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from loraforge.serve.runner import LlamaRunner, LoraLayers, Segment
+from loraforge.serve.text import TextStream
+
+log = logging.getLogger("loraforge.serve")
+
+
+@dataclass
+class SamplingParams:
+    """How to continue a prompt. ``temperature`` 0 is greedy decoding."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # alternatives per generated token; None = no logprobs
+    prompt_logprobs: bool = False  # also score the prompt tokens (completions with echo)
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # adapter name, for grouping and metrics
+    lora: LoraLayers | None = None
+    n: int = 1
+
+
+@dataclass
+class TokenEvent:
+    index: int
+    token: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    index: int
+    reason: str  # "stop" | "length"
+    text: str  # text held back until now
+    completion_tokens: int
+
+
+@dataclass
+class PromptEvent:
+    """Log-probabilities of the prompt tokens (the first has none)."""
+
+    tokens: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+    status: int = 503
+
+
+Event = TokenEvent | FinishEvent | PromptEvent | ErrorEvent
+
+
+class EngineObserver(Protocol):
+    def step(self, batch_size: int, queue_depth: int, seconds: float) -> None: ...
+
+
+class Generation:
+    """A submitted request: iterate its events; ``cancel()`` frees its batch slots."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.loop = loop
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self.open_choices = request.n
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def emit(self, event: Event | None) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self.queue.get()
+            if event is None:
+                return
+            yield event
+
+
+class Engine(Protocol):
+    """What the server needs from an inference backend."""
+
+    model_id: str
+    context_length: int
+    tokenizer: Any
+
+    def submit(self, request: GenerationRequest) -> Generation: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Row:
+    gen: Generation
+    index: int
+    stream: TextStream
+    position: int  # the position of ``last`` in the sequence
+    last: int  # the newest token: fed at the next decode step
+    generated: int = 0
+    generator: torch.Generator | None = None
+
+    @property
+    def key(self) -> str | None:
+        return self.gen.request.adapter
+
+
+class LocalEngine:
+    """Continuous batching over a ``LlamaRunner``.
+
+    Args:
+        runner: the model.
+        tokenizer: its tokenizer (for text deltas and stop strings).
+        model_id: the name clients use for the base model.
+        max_queue_wait_s: a request not started within this time gets an error (503).
+        stop_tokens: ids that end a generation (end of turn, end of text).
+    """
+
+    def __init__(
+        self,
+        runner: LlamaRunner,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        max_queue_wait_s: float = 30.0,
+        stop_tokens: Sequence[int] = (),
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.context_length = runner.context_length
+        self.max_batch_size = runner.max_slots
+        self.max_queue_wait_s = max_queue_wait_s
+        self.stop_tokens = set(stop_tokens)
+        self.observer = observer
+        self._pending: deque[Generation] = deque()
+        self._rows: list[_Row] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="loraforge-engine", daemon=True)
+        self._thread.start()
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        if request.n > self.max_batch_size:
+            raise ValueError(f"n={request.n} is more than the engine's max batch size {self.max_batch_size}")
+        gen = Generation(request, asyncio.get_running_loop())
+        with self._cond:
+            self._pending.append(gen)
+            self._cond.notify()
+        return gen
+
+    def stats(self) -> dict[str, int]:
+        return {"queue_depth": len(self._pending), "batch_size": len(self._rows)}
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._rows:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted = self._take_pending()
+            for gen in admitted:
+                try:
+                    self._admit(gen)
+                except Exception as e:
+                    log.exception("prefill failed")
+                    self._fail(gen, f"internal engine error: {e}")
+            try:
+                self._drop_cancelled()
+                if self._rows:
+                    self._step()
+                elif not self._pending:
+                    self.runner.release()
+            except Exception as e:  # keep serving: fail the affected requests, not the engine
+                log.exception("engine step failed")
+                for gen in {id(r.gen): r.gen for r in self._rows}.values():
+                    self._fail(gen, f"internal engine error: {e}")
+        for gen in [*self._pending, *(r.gen for r in self._rows)]:
+            gen.emit(ErrorEvent("the server is shutting down", 503))
+            gen.emit(None)
+
+    def _fail(self, gen: Generation, message: str) -> None:
+        """End a request with an error and free every slot it holds."""
+        for i in range(len(self._rows) - 1, -1, -1):
+            if self._rows[i].gen is gen:
+                self._remove(i)
+        gen.emit(ErrorEvent(message, 500))
+        gen.emit(None)
+
+    def _take_pending(self) -> list[Generation]:
+        now = time.monotonic()
+        free = self.max_batch_size - len(self._rows)
+        admitted: list[Generation] = []
+        while self._pending:
+            gen = self._pending[0]
+            if gen.cancelled:
+                self._pending.popleft()
+                gen.emit(None)
+            elif now - gen.submitted > self.max_queue_wait_s:
+                self._pending.popleft()
+                gen.emit(ErrorEvent(f"no batch slot became free within {self.max_queue_wait_s:g} s; retry later"))
+                gen.emit(None)
+            elif gen.request.n <= free or (gen.request.params.max_tokens == 0 and free > 0):
+                self._pending.popleft()
+                admitted.append(gen)
+                free -= gen.request.n if gen.request.params.max_tokens else 0
+            else:
+                break
+        return admitted
+
+    def _admit(self, gen: Generation) -> None:
+        req = gen.request
+        params = req.params
+        scoring_only = params.max_tokens == 0
+        # A scoring-only request needs a slot just for its prefill: borrow the first free one.
+        slots = [self._insert(gen, i) for i in range(req.n)] if not scoring_only else [len(self._rows)]
+        first = slots[0]
+        logits = self.runner.prefill(first, req.prompt, req.lora, all_logits=params.prompt_logprobs)
+        if params.prompt_logprobs:
+            gen.emit(_prompt_event(req.prompt, logits, params.logprobs or 0))
+        if scoring_only:
+            for i in range(req.n):
+                gen.emit(FinishEvent(i, "length", "", 0))
+            gen.emit(None)
+            return
+        for slot in slots[1:]:
+            self.runner.copy_prefix(first, slot, len(req.prompt))
+        rows = [self._rows[slot] for slot in slots]
+        self._advance(rows, logits[-1:].expand(len(rows), -1))
+
+    def _insert(self, gen: Generation, index: int) -> int:
+        """Place a new row at the end of its adapter's segment; returns its slot."""
+        params = gen.request.params
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed + index if params.seed is not None else torch.seed())
+        row = _Row(
+            gen=gen,
+            index=index,
+            stream=TextStream(self.tokenizer, params.stop),
+            position=len(gen.request.prompt) - 1,
+            last=-1,
+            generator=generator,
+        )
+        rows = self._rows
+        ends = _segment_ends(rows)
+        if row.key not in ends:
+            rows.append(row)
+            return len(rows) - 1
+        # Open a hole at the end of the row's segment: each later segment moves its first row to
+        # just past its end (one KV copy per later segment), last segment first.
+        target = ends[row.key]
+        rows.append(row)  # placeholder at the end, overwritten below
+        hole = len(rows) - 1
+        moves = []
+        for start in reversed(_segment_starts(rows[:-1], after=target)):
+            rows[hole] = rows[start]
+            moves.append((start, hole))
+            hole = start
+        self.runner.move(moves)
+        rows[hole] = row
+        return hole
+
+    def _remove(self, position: int) -> None:
+        """Take a finished row out, keeping segments contiguous (one KV copy per later segment)."""
+        rows = self._rows
+        moves = []
+        hole = position
+        end = _segment_end(rows, position)
+        while True:
+            if end - 1 != hole:
+                rows[hole] = rows[end - 1]
+                moves.append((end - 1, hole))
+            hole = end - 1
+            if end == len(rows):
+                break
+            end = _segment_end(rows, end)
+        rows.pop()
+        self.runner.move(moves)
+
+    def _drop_cancelled(self) -> None:
+        for i in range(len(self._rows) - 1, -1, -1):
+            row = self._rows[i]
+            if row.gen.cancelled:
+                self._remove(i)
+                self._close_choice(row.gen)
+
+    def _close_choice(self, gen: Generation) -> None:
+        gen.open_choices -= 1
+        if gen.open_choices == 0:
+            gen.emit(None)
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        rows = self._rows
+        segments = []
+        start = 0
+        for end in sorted(_segment_ends(rows).values()):
+            segments.append(Segment(start, end, rows[start].gen.request.lora))
+            start = end
+        logits = self.runner.decode([r.last for r in rows], [r.position for r in rows], segments)
+        self._advance(list(rows), logits)
+        if self.observer:
+            self.observer.step(len(rows), len(self._pending), time.perf_counter() - started)
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token from ``logits`` (one row per entry), emit it, retire finished rows."""
+        tokens = logits.argmax(dim=-1).tolist()
+        logprobs = None
+        if any(r.gen.request.params.logprobs is not None for r in rows):
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+        finished: list[tuple[_Row, str, str]] = []
+        for i, row in enumerate(rows):
+            params = row.gen.request.params
+            token = tokens[i]
+            if params.temperature > 0:
+                token = _sample(logits[i], params.temperature, params.top_p, row.generator)
+            row.generated += 1
+            if token in self.stop_tokens:
+                finished.append((row, "stop", row.stream.flush()))
+                continue
+            text, stopped = row.stream.push(token)
+            event = TokenEvent(row.index, token, text)
+            if logprobs is not None and params.logprobs is not None:
+                event.logprob = float(logprobs[i, token])
+                if params.logprobs:
+                    top = torch.topk(logprobs[i], params.logprobs)
+                    event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            row.gen.emit(event)
+            row.last = token
+            row.position += 1
+            if stopped:
+                finished.append((row, "stop", ""))
+            elif row.generated >= params.max_tokens or row.position >= self.context_length:
+                finished.append((row, "length", row.stream.flush()))
+        for row, reason, tail in finished:
+            row.gen.emit(FinishEvent(row.index, reason, tail, row.generated))
+            self._remove(self._rows.index(row))
+            self._close_choice(row.gen)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # always keeps the top token
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _prompt_event(prompt: list[int], logits: torch.Tensor, top: int) -> PromptEvent:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (T, vocab): position t predicts t+1
+    chosen: list[float | None] = [None]
+    alternatives: list[list[tuple[int, float]] | None] = [None]
+    for t in range(1, len(prompt)):
+        chosen.append(float(logprobs[t - 1, prompt[t]]))
+        if top:
+            values, indices = torch.topk(logprobs[t - 1], top)
+            alternatives.append(list(zip(indices.tolist(), values.tolist(), strict=True)))
+        else:
+            alternatives.append(None)
+    return PromptEvent(list(prompt), chosen, alternatives)
+
+
+def _segment_end(rows: list[_Row], position: int) -> int:
+    key = rows[position].key
+    end = position
+    while end < len(rows) and rows[end].key == key:
+        end += 1
+    return end
+
+
+def _segment_ends(rows: list[_Row]) -> dict[str | None, int]:
+    ends: dict[str | None, int] = {}
+    for i, row in enumerate(rows):
+        ends[row.key] = i + 1
+    return ends
+
+
+def _segment_starts(rows: list[_Row], *, after: int) -> list[int]:
+    """Start positions of the segments that begin at or after ``after``."""
+    return [i for i in range(after, len(rows)) if i == 0 or rows[i].key != rows[i - 1].key]

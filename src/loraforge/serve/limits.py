@@ -1,0 +1,101 @@
+"""Per-key limits: requests and tokens per minute (token buckets) and concurrent requests."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Limits:
+    requests_per_minute: int
+    tokens_per_minute: int
+    max_concurrent: int
+
+
+class LimitExceeded(Exception):
+    """A limit was hit; ``retry_after`` is the wait in whole seconds before a retry can pass."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+class TokenBucket:
+    """Holds up to ``capacity`` units and refills at ``capacity`` per minute."""
+
+    def __init__(self, capacity: float, now: float) -> None:
+        self.capacity = capacity
+        self.level = capacity
+        self.updated = now
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.capacity / 60.0)
+        self.updated = now
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` is available (0 = now)."""
+        self._refill(now)
+        if amount <= self.level:
+            return 0.0
+        return (amount - self.level) * 60.0 / self.capacity
+
+    def take(self, amount: float, now: float) -> None:
+        self._refill(now)
+        self.level -= amount
+
+    def give_back(self, amount: float, now: float) -> None:
+        self._refill(now)
+        self.level = min(self.capacity, self.level + amount)
+
+
+class RateLimiter:
+    """Admission control per key. ``acquire`` reserves, ``release`` settles the real token count."""
+
+    def __init__(self, limits: Limits, clock: object = time.monotonic) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._requests: dict[str, TokenBucket] = {}
+        self._tokens: dict[str, TokenBucket] = {}
+        self._running: dict[str, int] = {}
+
+    def now(self) -> float:
+        return float(self._clock())  # type: ignore[operator]
+
+    def acquire(self, key: str, tokens: int) -> None:
+        """Admit one request that may use up to ``tokens`` tokens, or raise ``LimitExceeded``."""
+        lim = self.limits
+        with self._lock:
+            now = self.now()
+            if self._running.get(key, 0) >= lim.max_concurrent:
+                raise LimitExceeded(f"too many concurrent requests for this key (limit {lim.max_concurrent})", 1)
+            if tokens > lim.tokens_per_minute:
+                raise LimitExceeded(
+                    f"this request may use {tokens} tokens, more than this key's {lim.tokens_per_minute} tokens "
+                    "per minute; lower max_tokens",
+                    60,
+                )
+            req = self._requests.setdefault(key, TokenBucket(lim.requests_per_minute, now))
+            tok = self._tokens.setdefault(key, TokenBucket(lim.tokens_per_minute, now))
+            wait_req, wait_tok = req.wait_for(1, now), tok.wait_for(tokens, now)
+            if wait_req > 0:
+                raise LimitExceeded(
+                    f"rate limit of {lim.requests_per_minute} requests per minute reached", math.ceil(wait_req)
+                )
+            if wait_tok > 0:
+                raise LimitExceeded(
+                    f"rate limit of {lim.tokens_per_minute} tokens per minute reached", math.ceil(wait_tok)
+                )
+            req.take(1, now)
+            tok.take(tokens, now)
+            self._running[key] = self._running.get(key, 0) + 1
+
+    def release(self, key: str, reserved: int, used: int) -> None:
+        """The request ended having used ``used`` of its ``reserved`` tokens."""
+        with self._lock:
+            self._running[key] = max(0, self._running.get(key, 0) - 1)
+            if reserved > used and key in self._tokens:
+                self._tokens[key].give_back(reserved - used, self.now())

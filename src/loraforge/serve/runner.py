@@ -1,0 +1,271 @@
+"""Forward passes of a Llama-family decoder for serving: one KV pool, many adapters per batch.
+
+The Hugging Face model is only read for its weights. They are regrouped into fused matrices
+(``q|k|v`` and ``gate|up`` become one GEMM each) and the model object is dropped, so the base
+weights are in memory once. Each running request owns one *slot* of the KV pool::
+
+    kv: (layers, 2, slots, kv_heads, capacity, head_dim)   # 2 = keys, values
+
+The scheduler keeps the running rows in slots ``0..n-1``, grouped so that rows using the same
+adapter are contiguous ("segments"). A decode step then costs one GEMM per fused projection for
+the whole batch, plus, per segment with an adapter, ``x ↦ out + (x·Aᵀ)·(s·Bᵀ)`` on a contiguous
+slice — the LoRA delta of that adapter only, with no gather of weights per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loraforge.errors import ModelError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# LoRA target names → (fused group, index of the part inside the group).
+GROUP_OF = {
+    "q_proj": ("qkv", 0),
+    "k_proj": ("qkv", 1),
+    "v_proj": ("qkv", 2),
+    "o_proj": ("o", 0),
+    "gate_proj": ("gu", 0),
+    "up_proj": ("gu", 1),
+    "down_proj": ("down", 0),
+}
+GROUPS = ("qkv", "o", "gu", "down")
+
+
+@dataclass
+class LoraGroup:
+    """One adapter's delta on one fused projection: ``out += (x @ a) @ b``.
+
+    ``a`` is (in, R) — the A matrices of the group's parts side by side — and ``b`` is (R, out),
+    block-diagonal over the parts, with the LoRA scale folded in.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+# One adapter, ready to run: per layer, the groups it touches.
+LoraLayers = list[dict[str, LoraGroup]]
+
+
+@dataclass
+class Segment:
+    """Rows ``start:end`` of a batch that share one adapter (``None`` = the base model)."""
+
+    start: int
+    end: int
+    lora: LoraLayers | None
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: torch.Tensor  # (q + 2·kv, hidden)
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # (hidden, q)
+    gu: torch.Tensor  # (2·intermediate, hidden)
+    down: torch.Tensor  # (hidden, intermediate)
+
+
+class LlamaRunner:
+    """The decoder's forward pass over a slot KV pool.
+
+    Args:
+        model: a loaded ``*ForCausalLM`` of a supported architecture; its weights are taken over.
+        max_slots: rows that can run at once (the max batch size).
+    """
+
+    def __init__(self, model: Any, max_slots: int) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_ARCHITECTURES:
+            raise ModelError(
+                f"the serving engine runs {', '.join(SUPPORTED_ARCHITECTURES)} models; "
+                f"this base model is {config.model_type!r}"
+            )
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ModelError(f"the serving engine needs a SiLU MLP; the model uses {config.hidden_act!r}")
+        self.hidden = int(config.hidden_size)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads or self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden // self.heads)
+        self.eps = float(config.rms_norm_eps)
+        self.context_length = int(config.max_position_embeddings)
+        self.vocab_size = int(config.vocab_size)
+        self.max_slots = max_slots
+        self.dtype = next(model.parameters()).dtype
+        inner = model.model
+        with torch.no_grad():
+            self.embed = inner.embed_tokens.weight.detach()
+            self.lm_head = model.lm_head.weight.detach()
+            self.norm = inner.norm.weight.detach()
+            self.layers: list[_Layer] = []
+            for block in inner.layers:
+                att, mlp = block.self_attn, block.mlp
+                bias = None
+                if att.q_proj.bias is not None:
+                    bias = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]).detach()
+                self.layers.append(
+                    _Layer(
+                        ln1=block.input_layernorm.weight.detach(),
+                        ln2=block.post_attention_layernorm.weight.detach(),
+                        qkv=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach(),
+                        qkv_bias=bias,
+                        o=att.o_proj.weight.detach(),
+                        gu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                        down=mlp.down_proj.weight.detach(),
+                    )
+                )
+                # Free the unfused copies as we go: the base weights stay in memory once.
+                for linear in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
+                    linear.weight = None
+            positions = torch.arange(self.context_length)[None]
+            cos, sin = inner.rotary_emb(self.embed[:1], positions)
+        half = self.head_dim // 2
+        self.cos = cos[0].to(self.dtype).contiguous()  # (context, head_dim)
+        # rotate_half(x)·sin == roll(x, half)·[-sin₁, sin₂]: one op fewer per layer.
+        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype).contiguous()
+        self.capacity = 0
+        self.kv = torch.empty(0)
+
+    # -- the KV pool --------------------------------------------------------------------------
+
+    def reserve(self, length: int) -> None:
+        """Make every slot hold at least ``length`` positions (grows in steps of 256)."""
+        if length <= self.capacity:
+            return
+        capacity = min(self.context_length, -(-length // 256) * 256)
+        kv = torch.zeros(len(self.layers), 2, self.max_slots, self.kv_heads, capacity, self.head_dim, dtype=self.dtype)
+        if self.capacity:
+            kv[..., : self.capacity, :] = self.kv
+        self.kv, self.capacity = kv, capacity
+
+    def release(self) -> None:
+        """Drop the KV pool (when nothing runs) so one long request does not hold memory for ever."""
+        self.kv, self.capacity = torch.empty(0), 0
+
+    def move(self, moves: Sequence[tuple[int, int]]) -> None:
+        """Copy the KV of slot ``src`` to slot ``dst`` for each pair, in order."""
+        for src, dst in moves:
+            self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Give slot ``dst`` the first ``length`` positions of slot ``src`` (sibling choices)."""
+        self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+
+    # -- forward ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(
+        self, slot: int, tokens: Sequence[int], lora: LoraLayers | None, *, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Run a prompt through the model, filling ``slot``'s KV at positions ``0..T-1``.
+
+        Returns:
+            logits (T, vocab) if ``all_logits`` else (1, vocab) for the last position.
+        """
+        t = len(tokens)
+        self.reserve(t)
+        ids = torch.tensor(tokens, dtype=torch.long)
+        segments = [Segment(0, t, lora)]
+        cos, sin = self.cos[:t], self.sin[:t]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # q (T, H, D), k/v (T, KV, D) → (T, H·D)
+            self.kv[layer, 0, slot, :, :t] = k.transpose(0, 1)
+            self.kv[layer, 1, slot, :, :t] = v.transpose(0, 1)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                enable_gqa=self.heads != self.kv_heads,
+            )  # (1, H, T, D)
+            return out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim)
+
+        h = self._layers(self.embed[ids], cos, sin, segments, attend)
+        if not all_logits:
+            h = h[-1:]
+        return F.linear(h, self.lm_head)
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], segments: Sequence[Segment]) -> torch.Tensor:
+        """One step for rows ``0..n-1``: row i has token ``tokens[i]`` at ``positions[i]``.
+
+        Returns:
+            logits (n, vocab).
+        """
+        n = len(tokens)
+        pos = torch.tensor(positions, dtype=torch.long)
+        length = int(max(positions)) + 1
+        self.reserve(length)
+        rows = torch.arange(n)
+        mask = (torch.arange(length)[None, :] <= pos[:, None])[:, None, None, :]  # (n, 1, 1, L)
+        group = self.heads // self.kv_heads
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # q (n, H, D), k/v (n, KV, D) → (n, H·D); the H query heads of one KV head attend together.
+            keys, values = self.kv[layer, 0], self.kv[layer, 1]
+            keys[rows, :, pos] = k
+            values[rows, :, pos] = v
+            out = F.scaled_dot_product_attention(
+                q.view(n, self.kv_heads, group, self.head_dim),
+                keys[:n, :, :length],
+                values[:n, :, :length],
+                attn_mask=mask,
+            )  # (n, KV, group, D)
+            return out.reshape(n, self.heads * self.head_dim)
+
+        h = self._layers(
+            self.embed[torch.tensor(tokens, dtype=torch.long)], self.cos[pos], self.sin[pos], segments, attend
+        )
+        return F.linear(h, self.lm_head)
+
+    def _layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: Sequence[Segment],
+        attend: Any,
+    ) -> torch.Tensor:
+        # h (N, hidden): N = tokens of one prompt (prefill) or one token per row (decode).
+        n = h.shape[0]
+        nq, nkv, d = self.heads, self.kv_heads, self.head_dim
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D) against (N, heads, D)
+        half = d // 2
+        lora_segments = [s for s in segments if s.lora is not None]
+        for i, layer in enumerate(self.layers):
+            x = F.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            _add_lora(qkv, x, lora_segments, i, "qkv")
+            qkv = qkv.view(n, nq + 2 * nkv, d)
+            qk = qkv[:, : nq + nkv]
+            qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)
+            att = attend(i, qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv :])
+            o = F.linear(att, layer.o)
+            _add_lora(o, att, lora_segments, i, "o")
+            h = h + o
+            x = F.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
+            gu = F.linear(x, layer.gu)
+            _add_lora(gu, x, lora_segments, i, "gu")
+            gate, up = gu.chunk(2, dim=-1)
+            m = F.silu(gate).mul_(up)
+            down = F.linear(m, layer.down)
+            _add_lora(down, m, lora_segments, i, "down")
+            h = h + down
+        return F.rms_norm(h, (self.hidden,), self.norm, self.eps)
+
+
+def _add_lora(out: torch.Tensor, x: torch.Tensor, segments: Sequence[Segment], layer: int, group: str) -> None:
+    """``out[s] += (x[s] @ A) @ B`` for each segment's adapter, in place."""
+    for seg in segments:
+        assert seg.lora is not None
+        g = seg.lora[layer].get(group)
+        if g is not None:
+            out[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ g.a, g.b)

@@ -1,0 +1,131 @@
+"""Assemble a server from a config and a home directory, and run it with uvicorn."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+
+from loraforge.govern.audit import AuditLog
+from loraforge.home import model_cache_dir
+from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
+from loraforge.serve.adapters import AdapterCache, AdapterStore
+from loraforge.serve.app import create_app
+from loraforge.serve.config import ServeConfig
+from loraforge.serve.engine import LocalEngine
+from loraforge.serve.keys import KeyStore
+from loraforge.serve.limits import Limits, RateLimiter
+from loraforge.serve.metrics import Metrics
+from loraforge.serve.runner import LlamaRunner
+from loraforge.serve.service import InferenceService
+from loraforge.serve.usage import UsageLedger
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    for name in ("loraforge", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+@dataclass
+class Server:
+    app: FastAPI
+    engine: LocalEngine
+    base: BaseModel
+
+
+def build_server(config: ServeConfig, home: Path) -> Server:
+    """Load the base model, start the engine and build the app (the engine thread is running)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    base = resolve_base_model(config.base_model, model_cache_dir(home))
+    tokenizer = load_tokenizer(base)
+    model = load_model(base)
+    model.eval()  # type: ignore[no-untyped-call]
+    runner = LlamaRunner(model, max_slots=config.max_batch_size)
+    del model
+    metrics = Metrics()
+    stop_tokens = {tokenizer.eos_token_id} | {
+        tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in tokenizer.get_vocab()
+    }
+    engine = LocalEngine(
+        runner,
+        tokenizer,
+        model_id=base.name,
+        max_queue_wait_s=config.max_queue_wait_s,
+        stop_tokens=[int(t) for t in stop_tokens if isinstance(t, int)],
+        observer=metrics,
+    )
+    store = AdapterStore(home)
+    cache = AdapterCache(store, runner, base_sha256=base.sha256, capacity=config.max_loaded_adapters)
+    limits = Limits(config.requests_per_minute, config.tokens_per_minute, config.max_concurrent_requests)
+    service = InferenceService(
+        engine,
+        store=store,
+        cache=cache,
+        limiter=RateLimiter(limits),
+        usage=UsageLedger(
+            home,
+            price_prompt_1k=config.price_per_1k_prompt_tokens,
+            price_completion_1k=config.price_per_1k_completion_tokens,
+        ),
+        metrics=metrics,
+        default_max_tokens=config.default_max_tokens,
+        request_timeout_s=config.request_timeout_s,
+        created=int(time.time()),
+    )
+    app = create_app(
+        config, service, keys=KeyStore(home), store=store, cache=cache, audit=AuditLog(home), metrics=metrics
+    )
+    app.router.on_shutdown.append(engine.close)
+    return Server(app, engine, base)
+
+
+def run_server(config: ServeConfig, home: Path) -> None:
+    """Serve until interrupted."""
+    import uvicorn
+
+    configure_logging()
+    log = logging.getLogger("loraforge.serve")
+    server = build_server(config, home)
+    log.info(
+        "serving",
+        extra={
+            "fields": {
+                "model": server.base.name,
+                "base_sha256": server.base.sha256,
+                "home": str(home),
+                "url": f"http://{config.host}:{config.port}/v1",
+            }
+        },
+    )
+    uvicorn.run(server.app, host=config.host, port=config.port, log_config=None, access_log=False)
