@@ -202,32 +202,42 @@ class LocalEngine:
     # -- the loop -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not self._pending and not self._rows:
-                    self._cond.wait()
-                if self._closed:
-                    break
-                admitted = self._take_pending()
-            for gen in admitted:
-                try:
-                    self._admit(gen)
-                except Exception as e:
-                    log.exception("prefill failed")
-                    self._fail(gen, f"internal engine error: {e}")
-            try:
-                self._drop_cancelled()
-                if self._rows:
-                    self._step()
-                elif not self._pending:
-                    self.runner.release()
-            except Exception as e:  # keep serving: fail the affected requests, not the engine
-                log.exception("engine step failed")
-                for gen in {id(r.gen): r.gen for r in self._rows}.values():
-                    self._fail(gen, f"internal engine error: {e}")
+        with torch.inference_mode():
+            while self._loop_once():
+                pass
         for gen in [*self._pending, *(r.gen for r in self._rows)]:
             gen.emit(ErrorEvent("the server is shutting down", 503))
             gen.emit(None)
+
+    def _loop_once(self) -> bool:
+        """Admit what fits, then one decode step. Returns False when the engine is closed."""
+        with self._cond:
+            while not self._closed and not self._pending and not self._rows:
+                self._cond.wait()
+            if self._closed:
+                return False
+            admitted = self._take_pending()
+        for gen in admitted:
+            try:
+                self._admit(gen)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail(gen, f"internal engine error: {e}")
+        try:
+            self._drop_cancelled()
+            if self._rows:
+                self._step()
+            elif not self._pending:
+                self.runner.release()
+        except Exception as e:  # keep serving: fail the running requests, not the engine
+            log.exception("engine step failed")
+            failed = {id(r.gen): r.gen for r in self._rows}.values()
+            self._rows.clear()
+            self.runner.release()
+            for gen in failed:
+                gen.emit(ErrorEvent(f"internal engine error: {e}", 500))
+                gen.emit(None)
+        return True
 
     def _fail(self, gen: Generation, message: str) -> None:
         """End a request with an error and free every slot it holds."""

@@ -135,6 +135,7 @@ class LlamaRunner:
 
     # -- the KV pool --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def reserve(self, length: int) -> None:
         """Make every slot hold at least ``length`` positions (grows in steps of 256)."""
         if length <= self.capacity:
@@ -149,11 +150,13 @@ class LlamaRunner:
         """Drop the KV pool (when nothing runs) so one long request does not hold memory for ever."""
         self.kv, self.capacity = torch.empty(0), 0
 
+    @torch.inference_mode()
     def move(self, moves: Sequence[tuple[int, int]]) -> None:
         """Copy the KV of slot ``src`` to slot ``dst`` for each pair, in order."""
         for src, dst in moves:
             self.kv[:, :, dst] = self.kv[:, :, src]
 
+    @torch.inference_mode()
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         """Give slot ``dst`` the first ``length`` positions of slot ``src`` (sibling choices)."""
         self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]

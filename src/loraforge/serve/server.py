@@ -80,7 +80,8 @@ def build_server(config: ServeConfig, home: Path) -> Server:
     engine = LocalEngine(
         runner,
         tokenizer,
-        model_id=base.name,
+        # A local model directory is served under its directory name, not its full path.
+        model_id=base.path.name if base.source == "local-dir" else base.name,
         max_queue_wait_s=config.max_queue_wait_s,
         stop_tokens=[int(t) for t in stop_tokens if isinstance(t, int)],
         observer=metrics,
