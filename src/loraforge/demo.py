@@ -1,7 +1,8 @@
 """``make demo``: the main job end to end on the embedded default model.
 
 Checks the bundled sample dataset, trains a LoRA adapter on SmolLM2-135M-Instruct, compares base
-and tuned answers on held-out questions, and prints where everything is. Each step is the same
+and tuned answers on held-out questions, serves the adapter behind the OpenAI-compatible API and
+asks it one question with the ``openai`` SDK, and prints where everything is. Each step is the same
 public function the CLI calls; the equivalent commands are printed as it goes.
 """
 
@@ -25,6 +26,7 @@ SAMPLES = Path(__file__).parent / "samples"
 
 def run(console: Console) -> int:
     from loraforge._cli_output import RichReporter, show_data_report, show_governance, show_licensing
+    from loraforge._demo_serve import ADAPTER_NAME
     from loraforge.cli import _quiet_libraries
     from loraforge.data.datasheet import build_datasheet, write_datasheet
     from loraforge.data.formats import load_dataset
@@ -83,6 +85,18 @@ def run(console: Console) -> int:
         table.add_row("[dim]reference", reference)
         console.print(table)
 
+    console.print(Rule("4. serve it behind the OpenAI-compatible API and ask with the openai SDK"))
+    from loraforge._demo_serve import serve_demo
+
+    first = picks[0]
+    server_log = serve_demo(
+        console,
+        output,
+        home,
+        next(m.content for m in first.messages if m.role == "user"),
+        next((m.content for m in first.messages if m.role == "system"), None),
+    )
+
     console.print(Rule("results"))
     manifest = json.loads((output / "manifest.json").read_text())
     console.print(f"base model:  {base.name} (sha256 {base.sha256[:16]}…, cached in {base.path})")
@@ -98,9 +112,11 @@ def run(console: Console) -> int:
         f"licences:        {decisions} "
         f"(policy {lic['policy']['name']}); PII action: {manifest['data_governance']['pii']['action']}"
     )
-    console.print(f"home:            {home}")
+    console.print(f"server log:      {server_log}")
+    console.print(f"home:            {home} (registered adapters, API key hashes, usage, audit log)")
     cli = Path(sys.executable).parent / "loraforge"
     console.print(f'try it:          {cli} generate --adapter {output} --prompt "Can I return a bike?"')
+    console.print(f"serve it:        {cli} serve --home {home}   (then any OpenAI client, model {ADAPTER_NAME!r})")
     del result
     return 0
 

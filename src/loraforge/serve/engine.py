@@ -34,6 +34,7 @@ class SamplingParams:
     """How to continue a prompt. ``temperature`` 0 is greedy decoding."""
 
     max_tokens: int
+    min_tokens: int = 0  # end-of-turn tokens are masked until this many tokens are generated
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -366,6 +367,10 @@ class LocalEngine:
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token from ``logits`` (one row per entry), emit it, retire finished rows."""
+        early = [i for i, r in enumerate(rows) if r.generated < r.gen.request.params.min_tokens]
+        if early and self.stop_tokens:
+            logits = logits.clone()
+            logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.stop_tokens))[None, :]] = float("-inf")
         tokens = logits.argmax(dim=-1).tolist()
         logprobs = None
         if any(r.gen.request.params.logprobs is not None for r in rows):

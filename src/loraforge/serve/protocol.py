@@ -51,6 +51,7 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end of turn before this many tokens
     # Accepted only at their neutral values (see the module docstring).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

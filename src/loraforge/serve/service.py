@@ -315,6 +315,7 @@ class InferenceService:
         )
         params = SamplingParams(
             max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             seed=req.seed,
@@ -453,6 +454,7 @@ class InferenceService:
         want = req.logprobs
         params = SamplingParams(
             max_tokens=max_tokens if req.max_tokens != 0 else 0,
+            min_tokens=req.min_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             seed=req.seed,

@@ -1,0 +1,329 @@
+"""Multi-adapter serving throughput: loraforge's server against PEFT, in the same run.
+
+Load: 16 concurrent requests spread over 4 adapters (r=16 on all projections, random weights on
+the default model), 64 new tokens each, greedy, end of turn suppressed so every request makes
+exactly 64 tokens (``min_new_tokens`` for PEFT, ``min_tokens`` for loraforge).
+
+(a) sequential PEFT: ``set_adapter`` + ``generate`` per request;
+(b) one PEFT mixed batch: ``generate(adapter_names=[...])`` over all 16 rows (left padding);
+(c) loraforge: ``loraforge serve`` in its own process, 16 concurrent HTTP requests.
+Adapter overhead: the same load through loraforge on the base model only against on adapters.
+Single-request decode: ms per generated token at batch 1, loraforge (streaming, after the first
+token) against HF ``generate``.
+Latency: 64 concurrent streaming clients (32 tokens each): p50/p99 latency and time to first token.
+
+    python bench/serve_throughput.py
+
+The last line of output is one JSON object (speedup_vs_sequential, speedup_vs_mixed,
+adapter_overhead, decode_ms_per_token, p99_latency_s, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPTERS = 4
+REQUESTS = 16
+NEW_TOKENS = 64
+PROMPTS = [
+    "How do I reset my password?",
+    "What are your opening hours on Sunday?",
+    "Can I return a gift without a receipt?",
+    "My parcel has not arrived yet. What should I do?",
+    "Do you ship to Canada, and how long does it take?",
+    "How can I change the delivery address of an order?",
+    "Is there a student discount?",
+    "Explain the warranty on headphones.",
+]
+
+
+def _cache() -> Path:
+    from loraforge.home import model_cache_dir
+
+    return model_cache_dir()
+
+
+def _messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+def make_adapters(root: Path) -> tuple[list[Path], Any]:
+    """Four random r=16 adapters on the default model, each with a manifest (as training writes)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.models.sources import DEFAULT_BASE_MODEL, load_model, resolve_base_model, sha256_file
+
+    base = resolve_base_model(DEFAULT_BASE_MODEL, _cache())
+    dirs = []
+    for i in range(ADAPTERS):
+        torch.manual_seed(i)
+        model = get_peft_model(load_model(base), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.01)
+        out = root / f"adapter{i}"
+        model.save_pretrained(out)
+        manifest = {
+            "base_model": base.to_json(),
+            "checksums": {n: sha256_file(out / n) for n in ("adapter_config.json", "adapter_model.safetensors")},
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        dirs.append(out)
+    return dirs, base
+
+
+# -- PEFT baselines --------------------------------------------------------------------------------
+
+
+def peft_baselines(dirs: list[Path], base: Any) -> dict[str, float]:
+    import torch
+    from peft import PeftModel
+
+    from loraforge.data.templates import render
+    from loraforge.models.sources import load_model, load_tokenizer
+
+    tok = load_tokenizer(base)
+    tok.padding_side = "left"
+    model = PeftModel.from_pretrained(load_model(base), str(dirs[0]), adapter_name="adapter0")
+    for i, d in enumerate(dirs[1:], 1):
+        model.load_adapter(str(d), adapter_name=f"adapter{i}")
+    model.eval()
+    texts = [render(tok, _messages(i), generation_prompt=True) for i in range(REQUESTS)]
+    names = [f"adapter{i % ADAPTERS}" for i in range(REQUESTS)]
+    gen = {
+        "max_new_tokens": NEW_TOKENS,
+        "min_new_tokens": NEW_TOKENS,
+        "do_sample": False,
+        "pad_token_id": tok.pad_token_id,
+    }
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        enc = tok(texts[:1], return_tensors="pt", add_special_tokens=False)
+        model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
+        started = time.perf_counter()
+        for text, name in zip(texts, names, strict=True):
+            model.set_adapter(name)
+            enc = tok([text], return_tensors="pt", add_special_tokens=False)
+            model.generate(**enc, **gen)
+        out["sequential_tok_s"] = REQUESTS * NEW_TOKENS / (time.perf_counter() - started)
+        print(f"(a) sequential PEFT: {out['sequential_tok_s']:.1f} tok/s", flush=True)
+
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        started = time.perf_counter()
+        model.generate(**enc, **gen, adapter_names=names)
+        out["mixed_tok_s"] = REQUESTS * NEW_TOKENS / (time.perf_counter() - started)
+        print(f"(b) PEFT mixed batch: {out['mixed_tok_s']:.1f} tok/s", flush=True)
+
+        started = time.perf_counter()
+        with model.disable_adapter():
+            model.generate(**enc, **gen)
+        out["hf_base_batch_tok_s"] = REQUESTS * NEW_TOKENS / (time.perf_counter() - started)
+        print(f"    HF generate, same batch, base model only: {out['hf_base_batch_tok_s']:.1f} tok/s", flush=True)
+
+        enc = tok(texts[:1], return_tensors="pt", add_special_tokens=False)
+        with model.disable_adapter():
+            t0 = time.perf_counter()
+            model.generate(**enc, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.generate(
+                **enc, max_new_tokens=129, min_new_tokens=129, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            total = time.perf_counter() - t0
+        out["hf_decode_ms_per_token"] = (total - first) / 128 * 1000
+        print(f"    HF generate batch 1: {out['hf_decode_ms_per_token']:.1f} ms/token", flush=True)
+    return out
+
+
+# -- loraforge through HTTP ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(home: Path, dirs: list[Path]) -> tuple[subprocess.Popen[bytes], str, str]:
+    from loraforge.serve.adapters import AdapterStore
+    from loraforge.serve.keys import KeyStore
+
+    for i, d in enumerate(dirs):
+        AdapterStore(home).add(d, f"adapter{i}", tenant=None)
+    key, _ = KeyStore(home).create("bench")
+    port = _free_port()
+    (home / "serve.yaml").write_text(
+        "requests_per_minute: 100000\ntokens_per_minute: 100000000\nmax_concurrent_requests: 1000\nmax_batch_size: 16\n"
+    )
+    command = [sys.executable, "-m", "loraforge", "serve", "--home", str(home), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--config", str(home / "serve.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=open(home / "server.log", "wb"),  # noqa: SIM115
+        env={**os.environ, "LORAFORGE_MODEL_CACHE": str(_cache())},
+    )
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url, key
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError(f"the server did not start; see {home / 'server.log'}")
+
+
+async def _one(http: Any, url: str, key: str, model: str, i: int, tokens: int) -> dict[str, float]:
+    body = {
+        "model": model,
+        "messages": _messages(i),
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first = None
+    completion = 0
+    async with http.stream(
+        "POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                completion = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return {"latency": end - started, "ttft": (first or end) - started, "tokens": completion}
+
+
+async def _load(url: str, key: str, models: list[str], tokens: int) -> tuple[float, list[dict[str, float]]]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=200)) as http:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(_one(http, url, key, m, i, tokens) for i, m in enumerate(models)))
+        wall = time.perf_counter() - started
+    return wall, list(results)
+
+
+def loraforge_runs(url: str, key: str, base_id: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    asyncio.run(_load(url, key, ["adapter0", base_id], 4))  # warm-up, adapters loaded
+    asyncio.run(_load(url, key, [f"adapter{i}" for i in range(ADAPTERS)], 2))
+    adapters = [f"adapter{i % ADAPTERS}" for i in range(REQUESTS)]
+    wall, res = asyncio.run(_load(url, key, adapters, NEW_TOKENS))
+    out["adapters_tok_s"] = sum(r["tokens"] for r in res) / wall
+    print(f"(c) loraforge over HTTP, 4 adapters: {out['adapters_tok_s']:.1f} tok/s", flush=True)
+    wall, res = asyncio.run(_load(url, key, [base_id] * REQUESTS, NEW_TOKENS))
+    out["base_tok_s"] = sum(r["tokens"] for r in res) / wall
+    print(f"    loraforge over HTTP, base only: {out['base_tok_s']:.1f} tok/s", flush=True)
+    _, res = asyncio.run(_load(url, key, [base_id], 129))
+    out["decode_ms_per_token"] = (res[0]["latency"] - res[0]["ttft"]) / 128 * 1000
+    print(f"    loraforge batch 1: {out['decode_ms_per_token']:.1f} ms/token", flush=True)
+    clients = [f"adapter{i % ADAPTERS}" for i in range(64)]
+    wall, res = asyncio.run(_load(url, key, clients, 32))
+    lat = sorted(r["latency"] for r in res)
+    ttft = sorted(r["ttft"] for r in res)
+    out["latency"] = {
+        "clients": 64,
+        "tokens_each": 32,
+        "p50_latency_s": statistics.median(lat),
+        "p99_latency_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "p50_ttft_s": statistics.median(ttft),
+        "p99_ttft_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+        "tok_s": sum(r["tokens"] for r in res) / wall,
+    }
+    print(f"    64 clients: {json.dumps(out['latency'])}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("LORAFORGE_MODEL_CACHE", str(REPO / ".cache" / "models"))
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        dirs, base = make_adapters(root / "adapters")
+        peft = peft_baselines(dirs, base)
+        proc, url, key = start_server(root / "home", dirs)
+        try:
+            ours = loraforge_runs(url, key, base.name)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    summary = {
+        "speedup_vs_sequential": ours["adapters_tok_s"] / peft["sequential_tok_s"],
+        "speedup_vs_mixed": ours["adapters_tok_s"] / peft["mixed_tok_s"],
+        "adapter_overhead": ours["base_tok_s"] / ours["adapters_tok_s"] - 1,
+        "peft_mixed_overhead": peft["hf_base_batch_tok_s"] / peft["mixed_tok_s"] - 1,
+        "decode_ms_per_token": ours["decode_ms_per_token"],
+        "hf_decode_ms_per_token": peft["hf_decode_ms_per_token"],
+        "decode_speedup_vs_hf": peft["hf_decode_ms_per_token"] / ours["decode_ms_per_token"],
+        "p50_latency_s": ours["latency"]["p50_latency_s"],
+        "p99_latency_s": ours["latency"]["p99_latency_s"],
+        "p50_ttft_s": ours["latency"]["p50_ttft_s"],
+        "p99_ttft_s": ours["latency"]["p99_ttft_s"],
+        "tok_s": {
+            "peft_sequential": peft["sequential_tok_s"],
+            "peft_mixed": peft["mixed_tok_s"],
+            "hf_base_batch": peft["hf_base_batch_tok_s"],
+            "loraforge_adapters": ours["adapters_tok_s"],
+            "loraforge_base": ours["base_tok_s"],
+            "loraforge_64_clients": ours["latency"]["tok_s"],
+        },
+        "threads": torch.get_num_threads(),
+    }
+    print()
+    print("| measure | PEFT / HF | loraforge | ratio |")
+    print("|---|---|---|---|")
+    t = summary["tok_s"]
+    print(
+        f"| 16 req / 4 adapters, sequential PEFT (tok/s) | {t['peft_sequential']:.1f} | {t['loraforge_adapters']:.1f} "
+        f"| {summary['speedup_vs_sequential']:.2f}x |"
+    )
+    print(
+        f"| 16 req / 4 adapters, PEFT mixed batch (tok/s) | {t['peft_mixed']:.1f} | {t['loraforge_adapters']:.1f} "
+        f"| {summary['speedup_vs_mixed']:.2f}x |"
+    )
+    print(
+        f"| adapters vs base only, same load | {summary['peft_mixed_overhead']:+.0%} | "
+        f"{summary['adapter_overhead']:+.0%} | |"
+    )
+    print(
+        f"| batch-1 decode (ms/token) | {summary['hf_decode_ms_per_token']:.1f} | "
+        f"{summary['decode_ms_per_token']:.1f} | {summary['decode_speedup_vs_hf']:.2f}x |"
+    )
+    print(
+        f"| 64 clients: p50 / p99 latency (s) | | {summary['p50_latency_s']:.2f} / {summary['p99_latency_s']:.2f} | |"
+    )
+    print(f"| 64 clients: p50 / p99 TTFT (s) | | {summary['p50_ttft_s']:.2f} / {summary['p99_ttft_s']:.2f} | |")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
