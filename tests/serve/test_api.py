@@ -100,3 +100,33 @@ def test_authentication(server) -> None:  # type: ignore[no-untyped-def]
             c.models.list()
     r = httpx.get(server.url + "/v1/models")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_n_choices_seed_and_stop(client, server) -> None:  # type: ignore[no-untyped-def]
+    kwargs = {"model": "a1", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 10}
+    r = client.chat.completions.create(**kwargs, n=3, temperature=1.0, seed=11)
+    again = client.chat.completions.create(**kwargs, n=3, temperature=1.0, seed=11)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]
+    assert 3 <= r.usage.completion_tokens <= 30
+    greedy = client.chat.completions.create(**kwargs, temperature=0).choices[0].message.content
+    assert len(greedy) > 2
+    stop = greedy[1:3]
+    cut = client.chat.completions.create(**kwargs, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == greedy[: greedy.index(stop)]
+
+
+def test_chat_logprobs(client) -> None:  # type: ignore[no-untyped-def]
+    r = client.chat.completions.create(
+        model="p1",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-5  # greedy picks the top token

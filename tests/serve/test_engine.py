@@ -113,3 +113,35 @@ class _FakeTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [("a1", 2), ("a2", 2), ("b1", 2)],  # contiguous, equal: one (S, m) view
+        [("a1", 1), (None, 2), ("a2", 3)],  # a base segment between, unequal: gathered
+    ],
+)
+def test_stacked_adapters_equal_per_segment(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], layout: list[tuple[str | None, int]]
+) -> None:
+    from loraforge.serve.runner import _PerSegment, _Stacked
+
+    runner = _runner(tiny_model_dir)
+    loras = {
+        n: load_lora(adapter_dirs[n], sha256_file(adapter_dirs[n] / "adapter_model.safetensors"), runner)
+        for n in ("a1", "a2", "b1")
+    }
+    segments, start = [], 0
+    for name, rows in layout:
+        segments.append(Segment(start, start + rows, loras[name] if name else None))
+        start += rows
+    plan = runner._lora_plan(segments)
+    assert isinstance(plan, _Stacked) and plan.view == (layout[1][0] is not None)
+    x = torch.randn(start, runner.hidden)
+    for group, width in (("qkv", runner.layers[0].qkv.shape[0]), ("gu", runner.layers[0].gu.shape[0])):
+        stacked, single = torch.zeros(start, width), torch.zeros(start, width)
+        plan(stacked, x, 1, group)
+        _PerSegment(segments)(single, x, 1, group)
+        assert (stacked - single).abs().max() < 1e-5
+        assert single.abs().max() > 0

@@ -14,6 +14,8 @@ slice — the LoRA delta of that adapter only, with no gather of weights per row
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,7 @@ GROUP_OF = {
     "down_proj": ("down", 0),
 }
 GROUPS = ("qkv", "o", "gu", "down")
+STACK_CACHE = 2  # combinations of adapters whose stacked weights are kept
 
 
 @dataclass
@@ -132,6 +135,9 @@ class LlamaRunner:
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype).contiguous()
         self.capacity = 0
         self.kv = torch.empty(0)
+        # Stacked adapter weights per combination of adapters in a step (holding the adapters alive,
+        # so their ids stay unique while cached).
+        self._stack_cache: OrderedDict[tuple[int, ...], tuple[list[LoraLayers], list[_Stack]]] = OrderedDict()
 
     # -- the KV pool --------------------------------------------------------------------------
 
@@ -229,6 +235,22 @@ class LlamaRunner:
         )
         return F.linear(h, self.lm_head)
 
+    def _lora_plan(self, segments: Sequence[Segment]) -> _PerSegment | _Stacked:
+        """How to apply the adapters of a step: per segment for one adapter, stacked for several."""
+        with_lora = [s for s in segments if s.lora is not None]
+        if len(with_lora) < 2:
+            return _PerSegment(with_lora)
+        key = tuple(id(s.lora) for s in with_lora)
+        entry = self._stack_cache.get(key)
+        if entry is None:
+            loras = [s.lora for s in with_lora if s.lora is not None]
+            entry = (loras, [_stack_layer(layer, loras) for layer in range(len(self.layers))])
+            self._stack_cache[key] = entry
+            while len(self._stack_cache) > STACK_CACHE:
+                self._stack_cache.popitem(last=False)
+        self._stack_cache.move_to_end(key)
+        return _Stacked(with_lora, entry[1])
+
     def _layers(
         self,
         h: torch.Tensor,
@@ -242,33 +264,102 @@ class LlamaRunner:
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D) against (N, heads, D)
         half = d // 2
-        lora_segments = [s for s in segments if s.lora is not None]
+        delta = self._lora_plan(segments)
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            _add_lora(qkv, x, lora_segments, i, "qkv")
+            delta(qkv, x, i, "qkv")
             qkv = qkv.view(n, nq + 2 * nkv, d)
             qk = qkv[:, : nq + nkv]
             qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)
             att = attend(i, qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv :])
             o = F.linear(att, layer.o)
-            _add_lora(o, att, lora_segments, i, "o")
+            delta(o, att, i, "o")
             h = h + o
             x = F.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
             gu = F.linear(x, layer.gu)
-            _add_lora(gu, x, lora_segments, i, "gu")
+            delta(gu, x, i, "gu")
             gate, up = gu.chunk(2, dim=-1)
             m = F.silu(gate).mul_(up)
             down = F.linear(m, layer.down)
-            _add_lora(down, m, lora_segments, i, "down")
+            delta(down, m, i, "down")
             h = h + down
         return F.rms_norm(h, (self.hidden,), self.norm, self.eps)
 
 
-def _add_lora(out: torch.Tensor, x: torch.Tensor, segments: Sequence[Segment], layer: int, group: str) -> None:
-    """``out[s] += (x[s] @ A) @ B`` for each segment's adapter, in place."""
-    for seg in segments:
-        assert seg.lora is not None
-        g = seg.lora[layer].get(group)
-        if g is not None:
-            out[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ g.a, g.b)
+class _PerSegment:
+    """``out[s] += (x[s] @ A) @ B`` for each segment's adapter: two small GEMMs per segment."""
+
+    def __init__(self, segments: Sequence[Segment]) -> None:
+        self.segments = [s for s in segments if s.lora is not None]
+
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
+        for seg in self.segments:
+            assert seg.lora is not None
+            g = seg.lora[layer].get(group)
+            if g is not None:
+                out[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ g.a, g.b)
+
+
+# One layer's stacked adapters: per group, A (S, in, R) and B (S, R, out).
+_Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Stacked:
+    """All adapters of a step at once: ``(S, m, in) @ (S, in, R) @ (S, R, out)`` as two ``bmm``.
+
+    The S segments' rows are viewed as an (S, m) grid when the segments are contiguous and equally
+    long; otherwise they are gathered into a padded grid (padding rows masked to zero) and the
+    results added back with ``index_add_``. Ranks are padded to the largest one with zeros.
+    """
+
+    def __init__(self, segments: list[Segment], stacks: list[_Stack]) -> None:
+        self.stacks = stacks
+        lengths = [s.end - s.start for s in segments]
+        self.rows = len(segments)
+        self.width = max(lengths)
+        contiguous = all(a.end == b.start for a, b in itertools.pairwise(segments))
+        self.start, self.end = segments[0].start, segments[-1].end
+        self.view = contiguous and len(set(lengths)) == 1
+        if not self.view:
+            index: list[int] = []
+            mask: list[float] = []
+            for s in segments:
+                rows = list(range(s.start, s.end))
+                index += rows + [s.start] * (self.width - len(rows))
+                mask += [1.0] * len(rows) + [0.0] * (self.width - len(rows))
+            self.index = torch.tensor(index)
+            self.mask = torch.tensor(mask).view(self.rows, self.width, 1)
+
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
+        ab = self.stacks[layer].get(group)
+        if ab is None:
+            return
+        a, b = ab
+        if self.view:
+            xs = x[self.start : self.end].view(self.rows, self.width, -1)
+            out[self.start : self.end].view(self.rows, self.width, -1).baddbmm_(torch.bmm(xs, a), b)
+            return
+        xs = x.index_select(0, self.index).view(self.rows, self.width, -1)
+        h = torch.bmm(xs, a).mul_(self.mask.to(x.dtype))
+        out.index_add_(0, self.index, torch.bmm(h, b).view(self.rows * self.width, -1))
+
+
+def _stack_layer(layer: int, loras: list[LoraLayers]) -> _Stack:
+    """One layer's stacks for ``loras``; a group an adapter lacks is zeros for it."""
+    out = {}
+    for group in GROUPS:
+        parts = [lora[layer].get(group) for lora in loras]
+        present = [p for p in parts if p is not None]
+        if not present:
+            continue
+        rank = max(p.a.shape[1] for p in present)
+        fan_in, fan_out = present[0].a.shape[0], present[0].b.shape[1]
+        a = present[0].a.new_zeros(len(loras), fan_in, rank)
+        b = present[0].b.new_zeros(len(loras), rank, fan_out)
+        for i, p in enumerate(parts):
+            if p is not None:
+                a[i, :, : p.a.shape[1]] = p.a
+                b[i, : p.b.shape[0]] = p.b
+        out[group] = (a, b)
+    return out
