@@ -145,3 +145,17 @@ def test_stacked_adapters_equal_per_segment(
         _PerSegment(segments)(single, x, 1, group)
         assert (stacked - single).abs().max() < 1e-5
         assert single.abs().max() > 0
+
+
+def test_prefill_many_equals_one_prompt_at_a_time(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+    runner = _runner(tiny_model_dir)
+    lora = load_lora(adapter_dirs["a1"], sha256_file(adapter_dirs["a1"] / "adapter_model.safetensors"), runner)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17, 18, 19]]
+    loras = [None, lora, lora, None]
+    together = runner.prefill_many([0, 1, 2, 3], prompts, loras)
+    kv = runner.kv.clone()
+    for slot, (prompt, l) in enumerate(zip(prompts, loras, strict=True)):
+        alone = runner.prefill(slot + 4, prompt, l)
+        assert (together[slot] - alone[0]).abs().max() < 1e-4
+        t = len(prompt)
+        assert (kv[:, :, slot, :, :t] - runner.kv[:, :, slot + 4, :, :t]).abs().max() < 1e-4

@@ -31,6 +31,9 @@ class ServeConfig:
     max_concurrent_requests: int = 16
     max_body_bytes: int = 1_000_000
     request_timeout_s: float = 300.0
+    max_context_tokens: int | None = None
+    """Longest prompt + completion (default: the model's context). The KV pool grows to at most
+    max_batch_size × this many positions (about 46 KB each on the default model)."""
     default_max_tokens: int = 512
     """Chat completions without max_tokens generate up to this many tokens (or to the context end)."""
     price_per_1k_prompt_tokens: float = 0.0
@@ -63,6 +66,8 @@ class ServeConfig:
         for name in ("price_per_1k_prompt_tokens", "price_per_1k_completion_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_context_tokens is not None and self.max_context_tokens < 2:
+            problems.append(f"max_context_tokens must be >= 2, got {self.max_context_tokens}")
         if self.port > 65535:
             problems.append(f"port must be <= 65535, got {self.port}")
         if problems:

@@ -218,12 +218,21 @@ class LocalEngine:
             if self._closed:
                 return False
             admitted = self._take_pending()
-        for gen in admitted:
+        scoring = [g for g in admitted if g.request.params.max_tokens == 0]
+        generating = [g for g in admitted if g.request.params.max_tokens > 0]
+        for gen in scoring:
             try:
-                self._admit(gen)
+                self._score(gen)
             except Exception as e:
                 log.exception("prefill failed")
                 self._fail(gen, f"internal engine error: {e}")
+        if generating:
+            try:
+                self._admit(generating)
+            except Exception as e:
+                log.exception("prefill failed")
+                for gen in generating:
+                    self._fail(gen, f"internal engine error: {e}")
         try:
             self._drop_cancelled()
             if self._rows:
@@ -269,25 +278,48 @@ class LocalEngine:
                 break
         return admitted
 
-    def _admit(self, gen: Generation) -> None:
+    def _score(self, gen: Generation) -> None:
+        """Prompt log-probabilities only (``max_tokens`` 0): a prefill in a free slot, no row."""
         req = gen.request
-        params = req.params
-        scoring_only = params.max_tokens == 0
-        # A scoring-only request needs a slot just for its prefill: borrow the first free one.
-        slots = [self._insert(gen, i) for i in range(req.n)] if not scoring_only else [len(self._rows)]
-        first = slots[0]
-        logits = self.runner.prefill(first, req.prompt, req.lora, all_logits=params.prompt_logprobs)
-        if params.prompt_logprobs:
-            gen.emit(_prompt_event(req.prompt, logits, params.logprobs or 0))
-        if scoring_only:
-            for i in range(req.n):
-                gen.emit(FinishEvent(i, "length", "", 0))
-            gen.emit(None)
-            return
-        for slot in slots[1:]:
-            self.runner.copy_prefix(first, slot, len(req.prompt))
-        rows = [self._rows[slot] for slot in slots]
-        self._advance(rows, logits[-1:].expand(len(rows), -1))
+        logits = self.runner.prefill(len(self._rows), req.prompt, req.lora, all_logits=req.params.prompt_logprobs)
+        if req.params.prompt_logprobs:
+            gen.emit(_prompt_event(req.prompt, logits, req.params.logprobs or 0))
+        for i in range(req.n):
+            gen.emit(FinishEvent(i, "length", "", 0))
+        gen.emit(None)
+
+    def _admit(self, gens: list[Generation]) -> None:
+        """Give each request its rows, prefill the prompts together, and pick the first tokens."""
+        gens = sorted(gens, key=lambda g: g.request.adapter or "")  # one adapter's prompts side by side
+        rows: list[list[_Row]] = []
+        for gen in gens:
+            mine = []
+            for i in range(gen.request.n):
+                mine.append(self._rows[self._insert(gen, i)])
+            rows.append(mine)
+        echo = [g for g in gens if g.request.params.prompt_logprobs]
+        plain = [(g, r) for g, r in zip(gens, rows, strict=True) if not g.request.params.prompt_logprobs]
+        for gen in echo:  # completions with echo need every prompt position's logits
+            first = rows[gens.index(gen)]
+            logits = self.runner.prefill(
+                self._rows.index(first[0]), gen.request.prompt, gen.request.lora, all_logits=True
+            )
+            gen.emit(_prompt_event(gen.request.prompt, logits, gen.request.params.logprobs or 0))
+            self._start_rows(gen, first, logits[-1:])
+        if plain:
+            last = self.runner.prefill_many(
+                [self._rows.index(r[0]) for _, r in plain],
+                [g.request.prompt for g, _ in plain],
+                [g.request.lora for g, _ in plain],
+            )
+            for i, (gen, mine) in enumerate(plain):
+                self._start_rows(gen, mine, last[i : i + 1])
+
+    def _start_rows(self, gen: Generation, rows: list[_Row], logits: torch.Tensor) -> None:
+        first = self._rows.index(rows[0])
+        for row in rows[1:]:
+            self.runner.copy_prefix(first, self._rows.index(row), len(gen.request.prompt))
+        self._advance(rows, logits.expand(len(rows), -1))
 
     def _insert(self, gen: Generation, index: int) -> int:
         """Place a new row at the end of its adapter's segment; returns its slot."""

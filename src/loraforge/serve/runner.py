@@ -197,10 +197,59 @@ class LlamaRunner:
             )  # (1, H, T, D)
             return out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim)
 
-        h = self._layers(self.embed[ids], cos, sin, segments, attend)
+        h = self._layers(self.embed[ids], cos, sin, _PerSegment(segments), attend)
         if not all_logits:
             h = h[-1:]
         return F.linear(h, self.lm_head)
+
+    @torch.inference_mode()
+    def prefill_many(
+        self, slots: Sequence[int], prompts: Sequence[Sequence[int]], loras: Sequence[LoraLayers | None]
+    ) -> torch.Tensor:
+        """Several prompts in one forward pass (their tokens side by side, attention kept within
+        each prompt), filling each one's slot. Prompts of one adapter should be adjacent, so that
+        each adapter's delta runs once over all of its tokens.
+
+        Returns:
+            logits (P, vocab) at each prompt's last position.
+        """
+        lengths = [len(p) for p in prompts]
+        self.reserve(max(lengths))
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        token_slots = torch.cat([torch.full((n,), s, dtype=torch.long) for s, n in zip(slots, lengths, strict=True)])
+        segments: list[Segment] = []
+        for i, lora in enumerate(loras):
+            if segments and segments[-1].lora is lora:
+                segments[-1].end = starts[i + 1]
+            else:
+                segments.append(Segment(starts[i], starts[i + 1], lora))
+        width = self.heads * self.head_dim
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # q (M, H, D), k/v (M, KV, D) over all prompts' tokens → (M, H·D)
+            self.kv[layer, 0][token_slots, :, positions] = k
+            self.kv[layer, 1][token_slots, :, positions] = v
+            out = torch.empty(q.shape[0], width, dtype=q.dtype)
+            for a, b in itertools.pairwise(starts):
+                out[a:b] = (
+                    F.scaled_dot_product_attention(
+                        q[a:b].transpose(0, 1)[None],
+                        k[a:b].transpose(0, 1)[None],
+                        v[a:b].transpose(0, 1)[None],
+                        is_causal=True,
+                        enable_gqa=self.heads != self.kv_heads,
+                    )[0]
+                    .transpose(0, 1)
+                    .reshape(b - a, width)
+                )
+            return out
+
+        h = self._layers(self.embed[ids], self.cos[positions], self.sin[positions], _PerSegment(segments), attend)
+        return F.linear(h[torch.tensor(starts[1:]) - 1], self.lm_head)
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], positions: Sequence[int], segments: Sequence[Segment]) -> torch.Tensor:
@@ -231,7 +280,11 @@ class LlamaRunner:
             return out.reshape(n, self.heads * self.head_dim)
 
         h = self._layers(
-            self.embed[torch.tensor(tokens, dtype=torch.long)], self.cos[pos], self.sin[pos], segments, attend
+            self.embed[torch.tensor(tokens, dtype=torch.long)],
+            self.cos[pos],
+            self.sin[pos],
+            self._lora_plan(segments),
+            attend,
         )
         return F.linear(h, self.lm_head)
 
@@ -256,7 +309,7 @@ class LlamaRunner:
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        segments: Sequence[Segment],
+        delta: _PerSegment | _Stacked,
         attend: Any,
     ) -> torch.Tensor:
         # h (N, hidden): N = tokens of one prompt (prefill) or one token per row (decode).
@@ -264,7 +317,6 @@ class LlamaRunner:
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D) against (N, heads, D)
         half = d // 2
-        delta = self._lora_plan(segments)
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)

@@ -86,6 +86,8 @@ def build_server(config: ServeConfig, home: Path) -> Server:
         stop_tokens=[int(t) for t in stop_tokens if isinstance(t, int)],
         observer=metrics,
     )
+    if config.max_context_tokens:
+        engine.context_length = min(engine.context_length, config.max_context_tokens)
     store = AdapterStore(home)
     cache = AdapterCache(store, runner, base_sha256=base.sha256, capacity=config.max_loaded_adapters)
     limits = Limits(config.requests_per_minute, config.tokens_per_minute, config.max_concurrent_requests)
