@@ -17,7 +17,7 @@ from tests.serve.conftest import start_server
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     home = tmp_path_factory.mktemp("limited-home")
-    yield from start_server(home, tiny_model_dir, requests_per_minute=3, tokens_per_minute=400)
+    yield from start_server(home, tiny_model_dir, requests_per_minute=3, tokens_per_minute=300, max_context_tokens=512)
 
 
 def _chat(server, key: str = "a", max_tokens: int = 2, **extra: object) -> httpx.Response:  # type: ignore[no-untyped-def]
@@ -36,8 +36,13 @@ def test_requests_per_minute_gives_429_with_retry_after(limited) -> None:  # typ
     assert _chat(limited, "a").status_code == 200  # limits are per key
 
 
+def test_max_context_tokens(limited) -> None:  # type: ignore[no-untyped-def]
+    r = _chat(limited, "admin", max_tokens=600)
+    assert r.status_code == 400 and "maximum context length is 512 tokens" in r.json()["error"]["message"]
+
+
 def test_tokens_per_minute(limited) -> None:  # type: ignore[no-untyped-def]
-    r = _chat(limited, "admin", max_tokens=1000)
+    r = _chat(limited, "admin", max_tokens=400)
     assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"]
 
 
