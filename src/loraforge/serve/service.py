@@ -254,7 +254,10 @@ class InferenceService:
             lora=call.adapter.lora if call.adapter else None,
             n=n,
         )
-        return self.engine.submit(request)
+        try:
+            return self.engine.submit(request)
+        except ValueError as e:  # more choices than the engine's batch can hold
+            raise APIError(400, str(e), param="n") from e
 
     async def _events(self, call: Call, gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
         """Events of all generations, tagged with the generation's position, within the timeout."""
@@ -386,14 +389,7 @@ class InferenceService:
                     "logprobs": logprobs,
                 }
             )
-        yield {
-            "id": f"chatcmpl-{call.request_id}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": call.model,
-            "choices": out,
-            "usage": self._usage(call),
-        }
+        yield _body(call, "chat.completion", out, usage=self._usage(call))
 
     async def _chat_stream(
         self, call: Call, req: ChatCompletionRequest, gen: Generation
@@ -401,13 +397,7 @@ class InferenceService:
         created = int(time.time())
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
-            body: dict[str, Any] = {
-                "id": f"chatcmpl-{call.request_id}",
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": call.model,
-                "choices": choices,
-            }
+            body = _body(call, "chat.completion.chunk", choices, created=created)
             if req.stream_options and req.stream_options.include_usage:
                 body["usage"] = usage
             return body
@@ -505,14 +495,7 @@ class InferenceService:
                     "finish_reason": c.finish_reason or "length",
                 }
             )
-        yield {
-            "id": f"cmpl-{call.request_id}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": call.model,
-            "choices": out,
-            "usage": self._usage(call),
-        }
+        yield _body(call, "text_completion", out, usage=self._usage(call))
 
     def _completion_logprobs(
         self, tokens: list[int], logprobs: list[float | None], tops: list[list[tuple[int, float]] | None]
@@ -535,13 +518,8 @@ class InferenceService:
         created = int(time.time())
 
         def chunk(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-            return {
-                "id": f"cmpl-{call.request_id}",
-                "object": "text_completion",
-                "created": created,
-                "model": call.model,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-            }
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            return _body(call, "text_completion", [choice], created=created)
 
         async for g, event in self._events(call, gens):
             index = g * req.n + getattr(event, "index", 0)
@@ -554,14 +532,29 @@ class InferenceService:
             elif isinstance(event, FinishEvent):
                 yield chunk(index, event.text, event.reason)
         if req.stream_options and req.stream_options.include_usage:
-            yield {
-                "id": f"cmpl-{call.request_id}",
-                "object": "text_completion",
-                "created": created,
-                "model": call.model,
-                "choices": [],
-                "usage": self._usage(call),
-            }
+            yield _body(call, "text_completion", [], created=created, usage=self._usage(call))
+
+
+def _body(
+    call: Call,
+    kind: str,
+    choices: list[dict[str, Any]],
+    *,
+    created: int | None = None,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """A response or stream chunk of ``kind`` (OpenAI's ``object`` field) around ``choices``."""
+    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+    body: dict[str, Any] = {
+        "id": f"{prefix}-{call.request_id}",
+        "object": kind,
+        "created": created or int(time.time()),
+        "model": call.model,
+        "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
 
 
 def sse(item: dict[str, Any]) -> str:
