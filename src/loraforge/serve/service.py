@@ -245,19 +245,26 @@ class InferenceService:
             },
         )
 
-    def _submit(self, call: Call, prompt: list[int], params: SamplingParams, n: int) -> Generation:
-        request = GenerationRequest(
-            request_id=call.request_id,
-            prompt=prompt,
-            params=params,
-            adapter=call.adapter.registration.name if call.adapter else None,
-            lora=call.adapter.lora if call.adapter else None,
-            n=n,
-        )
+    def _submit(self, call: Call, prompts: list[list[int]], params: SamplingParams, n: int) -> list[Generation]:
+        """Hand the prompts to the engine; on failure nothing stays queued and the call is settled."""
+        gens: list[Generation] = []
         try:
-            return self.engine.submit(request)
+            for prompt in prompts:
+                request = GenerationRequest(
+                    request_id=call.request_id,
+                    prompt=prompt,
+                    params=params,
+                    adapter=call.adapter.registration.name if call.adapter else None,
+                    lora=call.adapter.lora if call.adapter else None,
+                    n=n,
+                )
+                gens.append(self.engine.submit(request))
         except ValueError as e:  # more choices than the engine's batch can hold
+            for gen in gens:
+                gen.cancel()
+            self._finish(call, 400)
             raise APIError(400, str(e), param="n") from e
+        return gens
 
     async def _events(self, call: Call, gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
         """Events of all generations, tagged with the generation's position, within the timeout."""
@@ -325,7 +332,7 @@ class InferenceService:
             stop=req.stop_list(),
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
-        gen = self._submit(call, prompt, params, req.n)
+        (gen,) = self._submit(call, [prompt], params, req.n)
         stream = self._chat_stream(call, req, gen) if req.stream else self._chat_whole(call, req, gen)
         return call, self._settled(call, stream)
 
@@ -452,7 +459,7 @@ class InferenceService:
             logprobs=want,
             prompt_logprobs=req.echo and want is not None,
         )
-        gens = [self._submit(call, p, params, req.n) for p in prompts]
+        gens = self._submit(call, prompts, params, req.n)
         stream = (
             self._completion_stream(call, req, gens) if req.stream else self._completion_whole(call, req, prompts, gens)
         )
