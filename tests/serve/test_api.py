@@ -130,3 +130,11 @@ def test_chat_logprobs(client) -> None:  # type: ignore[no-untyped-def]
     for entry in content:
         assert len(entry.top_logprobs) == 2 and entry.logprob <= 0
         assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-5  # greedy picks the top token
+
+
+def test_health_and_ready(server) -> None:  # type: ignore[no-untyped-def]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/ready").json()
+    assert ready["status"] == "ready" and ready["model"] == server.engine.model_id
+    r = httpx.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}

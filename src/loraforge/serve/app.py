@@ -178,6 +178,8 @@ def create_app(
 
     @app.get("/ready")
     async def ready() -> dict[str, Any]:
+        if not service.engine.alive():
+            raise APIError(503, "the inference engine is not running", code="engine_down", retry_after=5)
         return {"status": "ready", "model": service.engine.model_id, **service.engine.stats()}
 
     @app.get("/metrics")

@@ -126,6 +126,7 @@ class Engine(Protocol):
 
     def submit(self, request: GenerationRequest) -> Generation: ...
     def stats(self) -> dict[str, int]: ...
+    def alive(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -193,6 +194,9 @@ class LocalEngine:
 
     def stats(self) -> dict[str, int]:
         return {"queue_depth": len(self._pending), "batch_size": len(self._rows)}
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
 
     def close(self) -> None:
         with self._cond:
