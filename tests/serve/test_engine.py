@@ -154,8 +154,21 @@ def test_prefill_many_equals_one_prompt_at_a_time(tiny_model_dir: Path, adapter_
     loras = [None, lora, lora, None]
     together = runner.prefill_many([0, 1, 2, 3], prompts, loras)
     kv = runner.kv.clone()
-    for slot, (prompt, l) in enumerate(zip(prompts, loras, strict=True)):
-        alone = runner.prefill(slot + 4, prompt, l)
+    for slot, (prompt, adapter) in enumerate(zip(prompts, loras, strict=True)):
+        alone = runner.prefill(slot + 4, prompt, adapter)
         assert (together[slot] - alone[0]).abs().max() < 1e-4
         t = len(prompt)
         assert (kv[:, :, slot, :, :t] - runner.kv[:, :, slot + 4, :, :t]).abs().max() < 1e-4
+
+
+def test_bf16_storage_runs_and_stays_close(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    fp32 = _runner(tiny_model_dir)
+    bf16 = LlamaRunner(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval(), max_slots=2
+    )
+    tokens = [5, 6, 7, 8, 9]
+    a, b = fp32.prefill(0, tokens, None), bf16.prefill(0, tokens, None)
+    assert b.dtype == torch.bfloat16 and bf16.kv.dtype == torch.bfloat16
+    assert (a - b.float()).abs().max() < 0.1 * a.abs().max()

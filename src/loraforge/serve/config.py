@@ -9,6 +9,7 @@ from typing import Any
 from loraforge._config import read_config_file
 from loraforge.errors import ConfigError
 from loraforge.models.sources import DEFAULT_BASE_MODEL
+from loraforge.train.config import PRECISIONS
 
 
 @dataclass
@@ -42,6 +43,9 @@ class ServeConfig:
     """Hot loading and unloading of adapters over HTTP (admin keys only). Off unless switched on."""
     public_metrics: bool = False
     """Serve /metrics without an admin key (it names tenants and adapters)."""
+    precision: str = "auto"
+    """How the base weights are stored: bf16 where bf16 matmuls are fast (AMX, AVX512-BF16, CUDA),
+    else fp32 ("auto"); or "bf16" / "fp32" explicitly. Adapters run in the same precision."""
     threads: int | None = None
     """PyTorch threads for the engine (default: PyTorch's choice, one per core)."""
 
@@ -68,6 +72,8 @@ class ServeConfig:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_context_tokens is not None and self.max_context_tokens < 2:
             problems.append(f"max_context_tokens must be >= 2, got {self.max_context_tokens}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.port > 65535:
             problems.append(f"port must be <= 65535, got {self.port}")
         if problems:

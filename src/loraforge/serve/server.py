@@ -26,6 +26,7 @@ from loraforge.serve.metrics import Metrics
 from loraforge.serve.runner import LlamaRunner
 from loraforge.serve.service import InferenceService
 from loraforge.serve.usage import UsageLedger
+from loraforge.train.lora import resolve_precision
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
 
@@ -69,7 +70,8 @@ def build_server(config: ServeConfig, home: Path) -> Server:
         torch.set_num_threads(config.threads)
     base = resolve_base_model(config.base_model, model_cache_dir(home))
     tokenizer = load_tokenizer(base)
-    model = load_model(base)
+    dtype = resolve_precision(config.precision, torch.device("cpu"))
+    model = load_model(base, dtype=dtype)
     model.eval()  # type: ignore[no-untyped-call]
     runner = LlamaRunner(model, max_slots=config.max_batch_size)
     del model
@@ -126,6 +128,8 @@ def run_server(config: ServeConfig, home: Path) -> None:
             "fields": {
                 "model": server.base.name,
                 "base_sha256": server.base.sha256,
+                "precision": str(server.engine.runner.dtype).removeprefix("torch."),
+                "max_batch_size": config.max_batch_size,
                 "home": str(home),
                 "url": f"http://{config.host}:{config.port}/v1",
             }
