@@ -95,9 +95,10 @@ class EngineObserver(Protocol):
 class Generation:
     """A submitted request: iterate its events; ``cancel()`` frees its batch slots."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, outbox: Outbox) -> None:
         self.request = request
         self.loop = loop
+        self.outbox = outbox
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.cancelled = False
         self.submitted = time.monotonic()
@@ -107,7 +108,8 @@ class Generation:
         self.cancelled = True
 
     def emit(self, event: Event | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        """Queue an event; the engine delivers a step's events in one hop to the event loop."""
+        self.outbox.add(self, event)
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
@@ -115,6 +117,36 @@ class Generation:
             if event is None:
                 return
             yield event
+
+
+class Outbox:
+    """Events produced by the engine thread, delivered to each event loop once per step.
+
+    One ``call_soon_threadsafe`` per step instead of one per token keeps the server's event loop
+    from waking (and competing with PyTorch's threads for the cores) for every token of every row.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Generation, Event | None]] = []
+
+    def add(self, gen: Generation, event: Event | None) -> None:
+        self._items.append((gen, event))
+
+    def flush(self) -> None:
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Event | None]]] = {}
+        for gen, event in items:
+            by_loop.setdefault(gen.loop, []).append((gen, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                log.debug("dropped %d events for a closed event loop", len(batch))
+
+
+def _deliver(batch: list[tuple[Generation, Event | None]]) -> None:
+    for gen, event in batch:
+        gen.queue.put_nowait(event)
 
 
 class Engine(Protocol):
@@ -175,6 +207,7 @@ class LocalEngine:
         self.stop_tokens = set(stop_tokens)
         self.observer = observer
         self._pending: deque[Generation] = deque()
+        self._outbox = Outbox()
         self._rows: list[_Row] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -186,7 +219,7 @@ class LocalEngine:
     def submit(self, request: GenerationRequest) -> Generation:
         if request.n > self.max_batch_size:
             raise ValueError(f"n={request.n} is more than the engine's max batch size {self.max_batch_size}")
-        gen = Generation(request, asyncio.get_running_loop())
+        gen = Generation(request, asyncio.get_running_loop(), self._outbox)
         with self._cond:
             self._pending.append(gen)
             self._cond.notify()
@@ -209,10 +242,11 @@ class LocalEngine:
     def _run(self) -> None:
         with torch.inference_mode():
             while self._loop_once():
-                pass
+                self._outbox.flush()
         for gen in [*self._pending, *(r.gen for r in self._rows)]:
             gen.emit(ErrorEvent("the server is shutting down", 503))
             gen.emit(None)
+        self._outbox.flush()
 
     def _loop_once(self) -> bool:
         """Admit what fits, then one decode step. Returns False when the engine is closed."""
@@ -237,6 +271,7 @@ class LocalEngine:
                 log.exception("prefill failed")
                 for gen in generating:
                     self._fail(gen, f"internal engine error: {e}")
+        self._outbox.flush()  # first tokens out before the next decode step
         try:
             self._drop_cancelled()
             if self._rows:
