@@ -19,7 +19,7 @@ from loraforge.train import TrainConfig, train
 from tests.conftest import chat
 
 SMALL = {
-    "task": 8,
+    "task": 4,
     "mmlu": 12,
     "boolq": 12,
     "openbookqa": 12,
@@ -33,6 +33,30 @@ SMALL = {
     "extraction": 6,
     "canary_candidates": 63,
 }
+
+
+@pytest.fixture(scope="module")
+def sharp_tiny_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny Llama with larger initial weights (std 0.2 instead of 0.02).
+
+    With the default init its tied output head gives logits within about ±1.5 and LoRA cannot
+    change the head or the final norm, so no adapter could ever make a canary likely; with these
+    weights it can, as a real model can.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("sharp-tiny")
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, out / f.name)
+    return out
 
 
 def _train(tmp_path: Path, records: list[dict[str, object]], tiny: Path, cache: Path, **kw: object) -> Path:
@@ -59,7 +83,10 @@ def _train(tmp_path: Path, records: list[dict[str, object]], tiny: Path, cache: 
 def _support(n: int = 30, offset: int = 0) -> list[dict[str, object]]:
     topics = ["returns", "shipping", "warranty", "rentals", "repairs"]
     return [
-        chat(f"Tell me about {topics[i % 5]} for order {i}.", f"Our {topics[i % 5]} policy covers item {i % 7}.")
+        chat(
+            f"Tell me about {topics[i % 5]} for order {i}.",
+            f"Our {topics[i % 5]} policy covers item {i % 7}: bring the receipt to any store within thirty days.",
+        )
         for i in range(offset, offset + n)
     ]
 
@@ -86,8 +113,18 @@ def test_adapter_trained_on_wrong_answers_fails_the_gate_on_regression(
     assert any("general ability" in f and "below the allowed -5.0 points" in f for f in result.verdict.failures)
 
 
-def test_canaries_repeated_many_times_are_flagged(tmp_path: Path, tiny_model_dir: Path, model_cache: Path) -> None:
-    adapter = _train(tmp_path, _support(), tiny_model_dir, model_cache, canaries=2, canary_repeats=40, max_steps=60)
+def test_canaries_repeated_many_times_are_flagged(tmp_path: Path, sharp_tiny_dir: Path, model_cache: Path) -> None:
+    adapter = _train(
+        tmp_path,
+        _support(10),
+        sharp_tiny_dir,
+        model_cache,
+        canaries=2,
+        canary_repeats=30,
+        max_steps=80,
+        seq_len=256,
+        batch_rows=2,
+    )
     result = evaluate(
         EvalConfig(adapter, suites=("memorization",), sizes=SMALL, report=tmp_path / "report"), model_cache=model_cache
     )

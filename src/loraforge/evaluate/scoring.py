@@ -126,9 +126,7 @@ def score_trees(model: Any, trees: Sequence[Tree], *, row_tokens: int = 1024) ->
     shared = common_prefix_length(trees)
     cache = None
     if shared:
-        cache = decoder(
-            input_ids=torch.tensor([trees[0].prefix[:shared]], device=device), use_cache=True
-        ).cache
+        cache = decoder(input_ids=torch.tensor([trees[0].prefix[:shared]], device=device), use_cache=True).cache
         trees = [Tree(t.prefix[shared:], t.branches, t.scored) for t in trees]
     results: list[list[BranchScore | None]] = [[None] * len(t.branches) for t in trees]
     for row in _pack(trees, row_tokens):
