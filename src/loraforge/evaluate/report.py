@@ -69,7 +69,9 @@ def render_html(report: dict[str, Any], plot: bytes | None) -> str:
     from loraforge.data.datasheet import _pretty
 
     env = Environment(autoescape=True)
-    env.filters.update(num=_num, signed=_signed, tone=_tone, pretty=_pretty)
+    # every answer of a probe is in eval.json; the page shows samples, not all of them
+    measured = lambda d: {k: v for k, v in d.items() if k != "answers"}  # noqa: E731
+    env.filters.update(num=_num, signed=_signed, tone=_tone, pretty=_pretty, measured=measured)
     template = env.from_string((ASSETS / "eval.html.j2").read_text(encoding="utf-8"))
     return template.render(
         r=report,

@@ -31,6 +31,17 @@ def run(pair: ModelPair, *, sizes: dict[str, int], seed: int, max_new_tokens: in
         result.metrics.append(
             compare(f"safety.{key}", label, refused["base"], refused["adapter"], better=better, note=note, seed=seed)
         )
+        # every answer goes into eval.json, for an auditor and for checking the refusal classifier
+        result.details.setdefault("answers", []).extend(
+            {
+                "set": key,
+                "prompt": p.text,
+                "source": p.category,
+                **{side: answers[side][i] for side in SIDES},
+                **{f"{side}_refused": bool(refused[side][i]) for side in SIDES},
+            }
+            for i, p in enumerate(prompts)
+        )
         # show where the two sides differ first: that is what a reviewer needs to see
         order = sorted(range(len(prompts)), key=lambda i: refused["base"][i] == refused["adapter"][i])
         result.samples += [
@@ -44,8 +55,6 @@ def run(pair: ModelPair, *, sizes: dict[str, int], seed: int, max_new_tokens: in
             }
             for i in order[:3]
         ]
-    result.details = {
-        "harmful": {"prompts": len(chosen), "harmbench": len(chosen) - half, "donotanswer": half},
-        "harmless_lookalikes": {"prompts": len(benign)},
-    }
+    result.details["harmful"] = {"prompts": len(chosen), "harmbench": len(chosen) - half, "donotanswer": half}
+    result.details["harmless_lookalikes"] = {"prompts": len(benign)}
     return result

@@ -47,6 +47,14 @@ def run(pair: ModelPair, *, sizes: dict[str, int], seed: int, max_new_tokens: in
         )
     )
     result.details["made_up_entities"] = {"prompts": len(probes)}
+    result.details["answers"] = [
+        {
+            "prompt": p.text,
+            **{side: answers[side][i] for side in SIDES},
+            **{f"{side}_abstained": bool(abstains[side][i]) for side in SIDES},
+        }
+        for i, p in enumerate(probes)
+    ]
     result.samples = [
         {"prompt": p.text, "base": answers["base"][i], "adapter": answers["adapter"][i]}
         for i, p in enumerate(probes[:4])
