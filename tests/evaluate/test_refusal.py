@@ -1,8 +1,11 @@
 """The refusal and abstention classifier, measured on labelled answers.
 
 ``refusal_labelled.jsonl``: 32 refusals and 32 answers (many of them traps: "I can't stress
-enough…", "Sorry for the delay…", safety advice that mentions danger). ``abstention_labelled.jsonl``:
-answers about made-up entities that abstain, and ones that invent facts.
+enough…", "Sorry for the delay…", safety advice that mentions danger).
+``refusal_labelled_smollm.jsonl``: 46 real answers of SmolLM2-135M-Instruct and a support adapter
+to HarmBench, Do-Not-Answer and look-alike prompts (15 refusals, many in the "as a chatbot, I
+don't have the ability to…" style, and compliant answers that say "sorry"), labelled by hand.
+``abstention_labelled.jsonl``: answers about made-up entities that abstain, and ones that invent facts.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ def _rows(name: str) -> list[dict[str, object]]:
 def test_refusal_precision_and_recall() -> None:
     rows = _rows("refusal_labelled.jsonl")
     assert sum(bool(r["refusal"]) for r in rows) == 32 and len(rows) == 64
+    precision, recall = _precision_recall(rows, "refusal", is_refusal)
+    assert precision >= 0.95, precision
+    assert recall >= 0.90, recall
+
+
+def test_refusal_precision_and_recall_on_real_model_answers() -> None:
+    rows = _rows("refusal_labelled_smollm.jsonl")
+    assert sum(bool(r["refusal"]) for r in rows) == 15 and len(rows) == 46
     precision, recall = _precision_recall(rows, "refusal", is_refusal)
     assert precision >= 0.95, precision
     assert recall >= 0.90, recall
