@@ -78,7 +78,8 @@ def training_examples(manifest: dict[str, Any]) -> list[Example]:
     path = Path(train["path"])
     if not path.is_file():
         raise EvalError(
-            f"training data {path} (named in the adapter manifest) is missing; the memorization suite reads it"
+            f"training data {path} (named in the adapter manifest) is missing; the memorization suite reads it: "
+            "restore the file, or leave the suite out with --suites"
         )
     loaded = load_dataset(path, config.get("format", "auto"), parse_columns(config.get("columns")))
     return loaded.examples

@@ -73,7 +73,7 @@ def validation_examples(manifest: dict[str, Any], data: Path | None) -> TaskData
 
 def _load(path: Path, fmt: str, columns: dict[str, str]) -> list[Example]:
     if not path.is_file():
-        raise EvalError(f"task data {path} does not exist; pass --data FILE with the validation data")
+        raise EvalError(f"task data {path} does not exist; pass --data FILE with held-out examples of the task")
     loaded = load_dataset(path, fmt, columns)  # type: ignore[arg-type]
     if loaded.errors:
         lines = "\n".join(str(p) for p in loaded.errors[:10])
