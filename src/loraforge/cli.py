@@ -328,6 +328,48 @@ def generate(
     console.print(model.chat(prompt, system=system, max_new_tokens=max_new_tokens), highlight=False)
 
 
+@app.command("eval")
+def eval_adapter(
+    adapter: Annotated[Path, typer.Option(help="Adapter directory (PEFT files + manifest.json).")],
+    suites: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated: task,regression,bias,truthfulness,safety,memorization (default: all)."),
+    ] = None,
+    gate: Annotated[Path | None, typer.Option(help="Gate policy YAML (default: the shipped one).")] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Directory for eval.json and eval.html (default: ADAPTER/eval).")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Task data instead of the manifest's validation data.")] = None,
+    max_items: Annotated[int | None, typer.Option(help="Cap every subset at N items (a quick look).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the subsets and the bootstrap.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch.")] = None,
+    home: Home = None,
+) -> None:
+    """Evaluate an adapter against its base model and apply the release gate; exit 0 pass, 3 gate fail, 1 error."""
+    from loraforge.evaluate import DEFAULT_SIZES, GATE_FAILED_EXIT, EvalConfig, evaluate, parse_suites
+    from loraforge.evaluate.display import show_evaluation
+
+    if max_items is not None and max_items < 1:
+        raise ConfigError(f"--max-items must be >= 1, got {max_items}")
+    sizes = {k: min(v, max_items) for k, v in DEFAULT_SIZES.items()} if max_items else {}
+    config = EvalConfig(
+        adapter=adapter,
+        suites=parse_suites(suites),
+        policy=gate,
+        report=report,
+        data=data,
+        sizes=sizes,
+        seed=seed,
+        threads=threads,
+    )
+    _quiet_libraries()
+    result = evaluate(
+        config, model_cache=_cache(home), progress=lambda msg: err_console.print(f"[dim]{escape(msg)}[/]")
+    )
+    show_evaluation(console, result)
+    raise typer.Exit(0 if result.verdict.passed else GATE_FAILED_EXIT)
+
+
 def main() -> None:
     """Entry point: run the app; a LoraforgeError becomes one clear line and exit status 1."""
     try:

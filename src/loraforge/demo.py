@@ -1,8 +1,10 @@
 """``make demo``: the main job end to end on the embedded default model.
 
 Checks the bundled sample dataset, trains a LoRA adapter on SmolLM2-135M-Instruct, compares base
-and tuned answers on held-out questions, serves the adapter behind the OpenAI-compatible API and
-asks it one question with the ``openai`` SDK, and prints where everything is. Each step is the same
+and tuned answers on held-out questions, evaluates the adapter against the base model (every
+suite on smaller subsets than ``loraforge eval`` uses, ``DEMO_EVAL_ITEMS`` items per set) and
+applies the release gate, serves the adapter behind the OpenAI-compatible API and asks it one
+question with the ``openai`` SDK, and prints where everything is. Each step is the same
 public function the CLI calls; the equivalent commands are printed as it goes.
 """
 
@@ -85,7 +87,20 @@ def run(console: Console) -> int:
         table.add_row("[dim]reference", reference)
         console.print(table)
 
-    console.print(Rule("4. serve it behind the OpenAI-compatible API and ask with the openai SDK"))
+    console.print(Rule("4. evaluate base vs adapter and apply the release gate"))
+    from loraforge.evaluate import DEFAULT_SIZES, EvalConfig, evaluate
+    from loraforge.evaluate.display import show_evaluation
+
+    cap = int(os.environ.get("DEMO_EVAL_ITEMS", "20"))
+    console.print(f"$ loraforge eval --adapter {output} --max-items {cap}")
+    evaluation = evaluate(
+        EvalConfig(output, sizes={k: min(v, cap) for k, v in DEFAULT_SIZES.items()}),
+        model_cache=cache,
+        progress=lambda msg: console.print(f"[dim]{escape(msg)}[/]"),
+    )
+    show_evaluation(console, evaluation)
+
+    console.print(Rule("5. serve it behind the OpenAI-compatible API and ask with the openai SDK"))
     from loraforge._demo_serve import serve_demo
 
     first = picks[0]
@@ -106,6 +121,10 @@ def run(console: Console) -> int:
     console.print(f"metrics:         {output / 'metrics.jsonl'}")
     console.print(f"loss curve:      {output / 'loss.png'}")
     console.print(f"datasheet:       {datasheet}")
+    verdict = evaluation.verdict
+    colour = "green" if verdict.passed else "red"
+    console.print(f"release gate:    [bold {colour}]{verdict.word}[/] ({len(verdict.failures)} rule(s) broken)")
+    console.print(f"evaluation:      {evaluation.html_path}")
     lic = manifest["licensing"]
     decisions = ", ".join(f"{d['source']}: {d['license']} → {d['verdict']}" for d in lic["decisions"])
     console.print(

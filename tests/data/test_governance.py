@@ -110,3 +110,28 @@ def test_training_records_governance_evidence(
     assert gov["pii"]["action"] == "redact"
     assert gov["duplicates"]["mode"] == "none" and "contamination" in gov
     assert len(gov["canaries"]) == 1 and gov["canaries"][0]["secret"]
+
+
+def test_cleaned_split_evidence_names_the_contaminated_examples() -> None:
+    train = [_ex(u, a, i + 1) for i, (u, a) in enumerate(BASE)]
+    # a held-out split in which the 2nd and 3rd examples copy training examples
+    validation = [
+        _ex("Do you sell gift cards for the bike shop?", "Yes, from 20 to 500 dollars, online or in store.", 10),
+        _ex(BASE[0][0], BASE[0][1], 11),
+        _ex(BASE[2][0], BASE[2][1], 12),
+    ]
+    _, kept, evidence = prepare_training_examples(
+        train,
+        validation,
+        pii="report",
+        dedupe="none",
+        threshold=0.8,
+        canaries=0,
+        canary_repeats=1,
+        seed=0,
+        clean_validation=True,
+    )
+    assert kept is not None and [ex.line for ex in kept] == [10]
+    contamination = evidence["contamination"]
+    assert contamination["removed_from_validation"] == 2
+    assert sorted(e["validation"] for e in contamination["examples"]) == ["d.jsonl:11", "d.jsonl:12"]

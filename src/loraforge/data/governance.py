@@ -103,13 +103,10 @@ def prepare_training_examples(
     kept = [ex for i, ex in enumerate(kept) if i not in removed]
     if validation:
         hits = find_contamination(kept, validation, threshold)
-        if clean_validation and hits:
-            # a split we made ourselves must be held out for real: copies of training examples go
-            contaminated = {h.eval_index for h in hits}
-            validation = [ex for i, ex in enumerate(validation) if i not in contaminated]
+        contaminated = {h.eval_index for h in hits}
         evidence["contamination"] = {
             "threshold": threshold,
-            "removed_from_validation": len(hits) if clean_validation else 0,
+            "removed_from_validation": len(contaminated) if clean_validation else 0,
             "validation_examples_in_training": len(hits),
             "examples": [
                 {
@@ -120,6 +117,10 @@ def prepare_training_examples(
                 for h in hits[:20]
             ],
         }
+        if clean_validation and hits:
+            # a split we made ourselves must be held out for real: copies of training examples go
+            # (after the evidence above is written: its indices point into the unfiltered list)
+            validation = [ex for i, ex in enumerate(validation) if i not in contaminated]
     planted = make_canaries(canaries, canary_repeats, seed)
     if planted:
         kept = kept + canary_examples(planted, "<canaries>")

@@ -95,9 +95,11 @@ class AdapterStore:
         with atomic_directory(self.root / name, replace=replace) as tmp:
             for item in ("adapter_config.json", WEIGHTS, "manifest.json"):
                 shutil.copy2(source / item, tmp / item)
-            for extra in ("eval.json", "eval.html", "loss.png", "datasheet.html"):
+            for extra in ("loss.png", "metrics.jsonl"):  # evidence a reviewer of the store may want
                 if (source / extra).is_file():
                     shutil.copy2(source / extra, tmp / extra)
+            if (source / "eval").is_dir():
+                shutil.copytree(source / "eval", tmp / "eval")
             write_text_atomic(tmp / "registration.json", json.dumps(asdict(reg), indent=2))
         return reg
 

@@ -1,0 +1,1 @@
+"""The evaluation suites; each is one function ``run(pair, ...) -> SuiteResult``."""
