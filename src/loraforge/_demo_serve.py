@@ -26,7 +26,11 @@ def _free_port() -> int:
 
 def serve_demo(console: Console, adapter: Path, home: Path, question: str, system: str | None) -> Path:
     """Returns the server's log file."""
+    import logging
+
     import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per HTTP request in the demo
 
     from loraforge.govern.audit import AuditLog
     from loraforge.serve.adapters import AdapterStore
