@@ -251,7 +251,7 @@ def create_app(
         reg = store.get(req.name)
         if reg is None:
             raise not_found(req.name)
-        await service.resolve(KeyRecord(key.id, "", reg.tenant or key.tenant, "admin", 0), req.name)
+        await service.load(reg)
         audit.record(f"key:{key.id}", "adapter.load", req.name, tenant=key.tenant)
         return {"name": req.name, "loaded": True}
 

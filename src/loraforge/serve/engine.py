@@ -205,6 +205,7 @@ class LocalEngine:
         self.max_batch_size = runner.max_slots
         self.max_queue_wait_s = max_queue_wait_s
         self.stop_tokens = set(stop_tokens)
+        self._stop_ids = torch.tensor(sorted(self.stop_tokens), dtype=torch.long)
         self.observer = observer
         self._pending: deque[Generation] = deque()
         self._outbox = Outbox()
@@ -441,7 +442,7 @@ class LocalEngine:
         early = [i for i, r in enumerate(rows) if r.generated < r.gen.request.params.min_tokens]
         if early and self.stop_tokens:
             logits = logits.clone()
-            logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.stop_tokens))[None, :]] = float("-inf")
+            logits[torch.tensor(early)[:, None], self._stop_ids[None, :]] = float("-inf")
         tokens = logits.argmax(dim=-1).tolist()
         logprobs = None
         if any(r.gen.request.params.logprobs is not None for r in rows):

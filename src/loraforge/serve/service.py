@@ -18,7 +18,7 @@ from typing import Any
 
 from loraforge.data.templates import render
 from loraforge.errors import LoraforgeError, ModelError
-from loraforge.serve.adapters import AdapterCache, AdapterStore, LoadedAdapter
+from loraforge.serve.adapters import AdapterCache, AdapterStore, LoadedAdapter, Registration
 from loraforge.serve.engine import (
     Engine,
     ErrorEvent,
@@ -169,12 +169,18 @@ class InferenceService:
         if model == self.engine.model_id:
             return None
         reg = self.store.get(model)
-        if reg is None or not reg.visible_to(key.tenant) or self.cache is None:
+        if reg is None or not reg.visible_to(key.tenant):
             raise not_found(model)
+        return await self.load(reg)
+
+    async def load(self, reg: Registration) -> LoadedAdapter:
+        """The registered adapter in memory, loaded (and verified) on first use."""
+        if self.cache is None:
+            raise not_found(reg.name)
         try:
             return await asyncio.to_thread(self.cache.get, reg)
         except ModelError as e:
-            raise APIError(400, f"The model '{model}' cannot be served: {e}", code="model_incompatible") from e
+            raise APIError(400, f"The model '{reg.name}' cannot be served: {e}", code="model_incompatible") from e
 
     # -- admission ----------------------------------------------------------------------------
 

@@ -71,10 +71,6 @@ class UsageLedger:
             "by_model": models,
         }
 
-    def tenants(self) -> list[str]:
-        with self._lock:
-            return sorted(self._totals)
-
 
 def _zero() -> dict[str, float]:
     return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
