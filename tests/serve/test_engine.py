@@ -12,16 +12,20 @@ import torch
 from loraforge.models.sources import sha256_file
 from loraforge.serve.adapters import load_lora
 from loraforge.serve.engine import FinishEvent, GenerationRequest, LocalEngine, SamplingParams, TokenEvent
-from loraforge.serve.runner import LlamaRunner, Segment
+from loraforge.serve.runner import MKLDNN, LlamaRunner, Segment, packing_available
+
+NO_ONEDNN = pytest.mark.skipif(not packing_available(torch.float32), reason="no oneDNN")
+PACKING = [False, pytest.param(True, marks=NO_ONEDNN)]
 
 
-def _runner(model_dir: Path, slots: int = 8) -> LlamaRunner:
+def _runner(model_dir: Path, slots: int = 8, *, pack: bool | None = None) -> LlamaRunner:
     from transformers import AutoModelForCausalLM
 
-    return LlamaRunner(AutoModelForCausalLM.from_pretrained(str(model_dir)).eval(), max_slots=slots)
+    return LlamaRunner(AutoModelForCausalLM.from_pretrained(str(model_dir)).eval(), max_slots=slots, pack_weights=pack)
 
 
-def test_runner_logits_match_peft_within_1e4(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("pack", PACKING, ids=["row-major", "packed"])
+def test_runner_logits_match_peft_within_1e4(tiny_model_dir: Path, adapter_dirs: dict[str, Path], pack: bool) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -33,7 +37,9 @@ def test_runner_logits_match_peft_within_1e4(tiny_model_dir: Path, adapter_dirs:
         expected = peft_model(ids).logits[0]
         with peft_model.disable_adapter():
             expected_base = peft_model(ids).logits[0]
-    runner = _runner(tiny_model_dir)
+    runner = _runner(tiny_model_dir, pack=pack)
+    assert runner.packed is pack
+    assert (runner.layers[0].gu.layout == MKLDNN) is pack
     lora = load_lora(adapter, sha256_file(adapter / "adapter_model.safetensors"), runner)
     tokens = ids[0].tolist()
     prefill = runner.prefill(0, tokens[:-1], lora, all_logits=True)
@@ -106,6 +112,44 @@ def test_sampling_with_a_seed_is_reproducible(tiny_model_dir: Path) -> None:
         assert run(7) != run(8)
     finally:
         engine.close()
+
+
+def test_tensor_work_runs_on_the_engine_thread(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+    """The model is built and adapters are prepared by the engine's thread; errors reach the caller."""
+    import threading
+
+    from loraforge.serve.adapters import AdapterCache, AdapterStore
+
+    threads: list[str] = []
+
+    def build() -> LlamaRunner:
+        threads.append(threading.current_thread().name)
+        return _runner(tiny_model_dir)
+
+    engine = LocalEngine(build, tokenizer=_FakeTokenizer(), model_id="tiny")
+    try:
+        assert threads == ["loraforge-engine"] and engine.max_batch_size == 8
+        assert engine.call(lambda: threading.current_thread().name) == "loraforge-engine"
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 // 0)
+        store = AdapterStore(tiny_model_dir.parent / "home")
+        reg = store.add(adapter_dirs["a1"], "a1", tenant=None)
+        cache = AdapterCache(store, engine.runner, base_sha256=reg.base_sha256, capacity=2, run=engine.call)
+        lora = cache.get(reg).lora
+        assert lora[0]["qkv"].a.shape[1] > 0
+        # The engine still generates after the calls.
+        params = SamplingParams(max_tokens=3, temperature=0)
+        assert len(_generate(engine, [GenerationRequest("r", [1, 2, 3], params, adapter="a1", lora=lora)], 0)[0]) == 3
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.call(lambda: 1)
+
+    def broken() -> LlamaRunner:
+        raise ValueError("no model here")
+
+    with pytest.raises(ValueError, match="no model here"):
+        LocalEngine(broken, tokenizer=_FakeTokenizer(), model_id="tiny")
 
 
 class _FakeTokenizer:

@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,20 @@ class AdapterStore:
         return self.root / name
 
 
-def load_lora(directory: Path, expected_sha256: str, runner: Any) -> LoraLayers:
+def check_weights(directory: Path, expected_sha256: str) -> None:
+    """Raise ``ModelError`` unless the adapter's weights file has the registered checksum."""
+    weights = directory / WEIGHTS
+    digest = sha256_file(weights)
+    if digest != expected_sha256:
+        raise ModelError(
+            f"{weights} has sha256 {digest[:12]}… but was registered as {expected_sha256[:12]}…; re-register it"
+        )
+
+
+def load_lora(directory: Path, expected_sha256: str | None, runner: Any) -> LoraLayers:
     """Read an adapter's weights into the runner's fused layout (scale folded into ``b``).
+
+    ``expected_sha256`` None skips the checksum (the caller has just checked it).
 
     Raises:
         ModelError: checksum mismatch, a LoRA variant the engine cannot run (DoRA, embeddings,
@@ -140,11 +153,8 @@ def load_lora(directory: Path, expected_sha256: str, runner: Any) -> LoraLayers:
     from safetensors.torch import load_file
 
     weights = directory / WEIGHTS
-    digest = sha256_file(weights)
-    if digest != expected_sha256:
-        raise ModelError(
-            f"{weights} has sha256 {digest[:12]}… but was registered as {expected_sha256[:12]}…; re-register it"
-        )
+    if expected_sha256 is not None:
+        check_weights(directory, expected_sha256)
     config = json.loads((directory / "adapter_config.json").read_text())
     if config.get("use_dora"):
         raise ModelError(f"{directory.name} is a DoRA adapter; the serving engine runs plain LoRA and rsLoRA only")
@@ -220,11 +230,22 @@ class AdapterCache:
     """At most ``capacity`` adapters in memory; the least recently used one is dropped first.
 
     A dropped adapter stays alive for the rows that still run on it (they hold a reference).
+    ``run`` executes the loading (the adapter's tensor work); the server passes the engine's
+    ``call`` so that it happens on the engine's thread.
     """
 
-    def __init__(self, store: AdapterStore, runner: Any, *, base_sha256: str, capacity: int) -> None:
+    def __init__(
+        self,
+        store: AdapterStore,
+        runner: Any,
+        *,
+        base_sha256: str,
+        capacity: int,
+        run: Callable[[Callable[[], LoraLayers]], LoraLayers] | None = None,
+    ) -> None:
         self.store = store
         self.runner = runner
+        self.run = run or (lambda fn: fn())
         self.base_sha256 = base_sha256
         self.capacity = capacity
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()
@@ -249,7 +270,9 @@ class AdapterCache:
                     f"adapter {reg.name!r} was trained on base weights {reg.base_sha256[:12]}…, "
                     f"but this server runs {self.base_sha256[:12]}…"
                 )
-            loaded = LoadedAdapter(reg, load_lora(self.store.path(reg.name), reg.weights_sha256, self.runner))
+            path = self.store.path(reg.name)
+            check_weights(path, reg.weights_sha256)  # here: hashing is no tensor work
+            loaded = LoadedAdapter(reg, self.run(lambda: load_lora(path, None, self.runner)))
             with self._lock:
                 self._loaded[reg.name] = loaded
                 self._loaded.move_to_end(reg.name)

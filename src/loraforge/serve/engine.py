@@ -8,6 +8,13 @@ kept grouped by adapter so each LoRA delta runs on a contiguous slice (see ``run
 The server talks to the engine through the ``Engine`` protocol, so another backend (vLLM) can
 take its place. Events reach the caller's event loop through ``call_soon_threadsafe``; the
 engine runs in its own thread because PyTorch releases the GIL during the heavy work.
+
+Every tensor operation of the server runs on that one thread: the model is built there and
+adapters are prepared there (``call``). Each thread that runs a parallel PyTorch operation keeps
+an OpenMP thread pool for the life of the process, and once the process holds more OpenMP threads
+than cores, libgomp stops spin-waiting between parallel regions: every one of the hundreds of
+small GEMMs in a decode step then waits for a sleeping thread to wake. One pool keeps batch-1
+decoding ~1.5× faster on two cores (see docs/serving.md).
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -27,6 +35,7 @@ from loraforge.serve.runner import LlamaRunner, LoraLayers, Segment
 from loraforge.serve.text import TextStream
 
 log = logging.getLogger("loraforge.serve")
+T = TypeVar("T")
 
 
 @dataclass
@@ -181,7 +190,9 @@ class LocalEngine:
     """Continuous batching over a ``LlamaRunner``.
 
     Args:
-        runner: the model.
+        runner: the model, or a function that builds it (called on the engine's thread, so that
+            the model's tensors are made by the thread that will use them; its errors are raised
+            here).
         tokenizer: its tokenizer (for text deltas and stop strings).
         model_id: the name clients use for the base model.
         max_queue_wait_s: a request not started within this time gets an error (503).
@@ -190,7 +201,7 @@ class LocalEngine:
 
     def __init__(
         self,
-        runner: LlamaRunner,
+        runner: LlamaRunner | Callable[[], LlamaRunner],
         tokenizer: Any,
         *,
         model_id: str,
@@ -198,22 +209,24 @@ class LocalEngine:
         stop_tokens: Sequence[int] = (),
         observer: EngineObserver | None = None,
     ) -> None:
-        self.runner = runner
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.context_length = runner.context_length
-        self.max_batch_size = runner.max_slots
         self.max_queue_wait_s = max_queue_wait_s
         self.stop_tokens = set(stop_tokens)
         self._stop_ids = torch.tensor(sorted(self.stop_tokens), dtype=torch.long)
         self.observer = observer
         self._pending: deque[Generation] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._outbox = Outbox()
         self._rows: list[_Row] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="loraforge-engine", daemon=True)
+        built: Future[LlamaRunner] = Future()
+        self._thread = threading.Thread(target=self._run, args=(runner, built), name="loraforge-engine", daemon=True)
         self._thread.start()
+        self.runner = built.result()  # the builder's error, if any, is raised here
+        self.context_length = self.runner.context_length
+        self.max_batch_size = self.runner.max_slots
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -232,6 +245,22 @@ class LocalEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closed
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine's thread between two decode steps and return its result.
+
+        For tensor work outside decoding (preparing an adapter), so that only the engine's
+        thread ever runs PyTorch operations. Blocks the caller (use it from a worker thread).
+        """
+        if threading.current_thread() is self._thread:
+            return fn()
+        done: Future[T] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._calls.append((fn, done))
+            self._cond.notify()
+        return done.result()
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -240,7 +269,13 @@ class LocalEngine:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, runner: LlamaRunner | Callable[[], LlamaRunner], built: Future[LlamaRunner]) -> None:
+        try:
+            self.runner = runner if isinstance(runner, LlamaRunner) else runner()
+        except BaseException as e:
+            built.set_exception(e)
+            return
+        built.set_result(self.runner)
         with torch.inference_mode():
             while self._loop_once():
                 self._outbox.flush()
@@ -248,15 +283,29 @@ class LocalEngine:
             gen.emit(ErrorEvent("the server is shutting down", 503))
             gen.emit(None)
         self._outbox.flush()
+        for _, done in self._calls:
+            done.set_exception(RuntimeError("the engine is closed"))
+
+    def _run_calls(self, calls: list[tuple[Callable[[], Any], Future[Any]]]) -> None:
+        for fn, done in calls:
+            try:
+                done.set_result(fn())
+            except BaseException as e:  # handed to the caller, who raises it
+                done.set_exception(e)
 
     def _loop_once(self) -> bool:
         """Admit what fits, then one decode step. Returns False when the engine is closed."""
         with self._cond:
-            while not self._closed and not self._pending and not self._rows:
+            while not self._closed and not self._pending and not self._rows and not self._calls:
                 self._cond.wait()
             if self._closed:
                 return False
+            calls = list(self._calls)
+            self._calls.clear()
             admitted = self._take_pending()
+        if calls:
+            with torch.inference_mode(False):  # adapters are kept beyond this step: normal tensors
+                self._run_calls(calls)
         scoring = [g for g in admitted if g.request.params.max_tokens == 0]
         generating = [g for g in admitted if g.request.params.max_tokens > 0]
         for gen in scoring:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI
@@ -28,6 +31,7 @@ from loraforge.serve.service import InferenceService
 from loraforge.serve.usage import UsageLedger
 from loraforge.train.lora import resolve_precision
 
+T = TypeVar("T")
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
 
 
@@ -68,19 +72,23 @@ def build_server(config: ServeConfig, home: Path) -> Server:
     """Load the base model, start the engine and build the app (the engine thread is running)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    base = resolve_base_model(config.base_model, model_cache_dir(home))
+    # Resolving may dequantize a packaged model (tensor work) the first time: in a thread that
+    # ends, so that its OpenMP pool goes with it (see engine.py).
+    base = _in_passing_thread(lambda: resolve_base_model(config.base_model, model_cache_dir(home)))
     tokenizer = load_tokenizer(base)
-    dtype = resolve_precision(config.precision, torch.device("cpu"))
-    model = load_model(base, dtype=dtype)
-    model.eval()  # type: ignore[no-untyped-call]
-    runner = LlamaRunner(model, max_slots=config.max_batch_size)
-    del model
+
+    def build_runner() -> LlamaRunner:  # on the engine's thread, like all tensor work
+        dtype = resolve_precision(config.precision, torch.device("cpu"))
+        model = load_model(base, dtype=dtype)
+        model.eval()  # type: ignore[no-untyped-call]
+        return LlamaRunner(model, max_slots=config.max_batch_size)
+
     metrics = Metrics()
     stop_tokens = {tokenizer.eos_token_id} | {
         tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in tokenizer.get_vocab()
     }
     engine = LocalEngine(
-        runner,
+        build_runner,
         tokenizer,
         # A local model directory is served under its directory name, not its full path.
         model_id=base.path.name if base.source == "local-dir" else base.name,
@@ -91,7 +99,9 @@ def build_server(config: ServeConfig, home: Path) -> Server:
     if config.max_context_tokens:
         engine.context_length = min(engine.context_length, config.max_context_tokens)
     store = AdapterStore(home)
-    cache = AdapterCache(store, runner, base_sha256=base.sha256, capacity=config.max_loaded_adapters)
+    cache = AdapterCache(
+        store, engine.runner, base_sha256=base.sha256, capacity=config.max_loaded_adapters, run=engine.call
+    )
     limits = Limits(config.requests_per_minute, config.tokens_per_minute, config.max_concurrent_requests)
     service = InferenceService(
         engine,
@@ -113,6 +123,22 @@ def build_server(config: ServeConfig, home: Path) -> Server:
     )
     app.router.on_shutdown.append(engine.close)
     return Server(app, engine, base)
+
+
+def _in_passing_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own that ends when it returns."""
+    result: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            result.set_result(fn())
+        except BaseException as e:  # raised in the caller
+            result.set_exception(e)
+
+    thread = threading.Thread(target=target, name="loraforge-resolve")
+    thread.start()
+    thread.join()
+    return result.result()
 
 
 def run_server(config: ServeConfig, home: Path) -> None:
