@@ -15,7 +15,9 @@ import pytest
 import torch
 
 
-def make_adapter(model_dir: Path, out: Path, *, seed: int, r: int = 8, scale: float = 0.5) -> Path:
+def make_adapter(
+    model_dir: Path, out: Path, *, seed: int, r: int = 8, scale: float = 0.5, targets: str | list[str] = "all-linear"
+) -> Path:
     """A random (untrained) LoRA adapter on ``model_dir`` with a manifest, as `loraforge train` writes it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -24,7 +26,7 @@ def make_adapter(model_dir: Path, out: Path, *, seed: int, r: int = 8, scale: fl
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=scale)

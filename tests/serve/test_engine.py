@@ -164,31 +164,38 @@ class _FakeTokenizer:
     [
         [("a1", 2), ("a2", 2), ("b1", 2)],  # contiguous, equal: one (S, m) view
         [("a1", 1), (None, 2), ("a2", 3)],  # a base segment between, unequal: gathered
+        [("a1", 2), ("qv", 2), ("up", 2)],  # parts missing in some adapters, other ranks
+        [("qv", 2), ("up", 2)],  # no adapter has k or gate: parts do not tile the output
+        [("qv", 1), (None, 1), ("up", 3)],  # the same, gathered
     ],
 )
 def test_stacked_adapters_equal_per_segment(
-    tiny_model_dir: Path, adapter_dirs: dict[str, Path], layout: list[tuple[str | None, int]]
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], layout: list[tuple[str | None, int]], tmp_path: Path
 ) -> None:
     from loraforge.serve.runner import _PerSegment, _Stacked
 
+    from .conftest import make_adapter
+
     runner = _runner(tiny_model_dir)
-    loras = {
-        n: load_lora(adapter_dirs[n], sha256_file(adapter_dirs[n] / "adapter_model.safetensors"), runner)
-        for n in ("a1", "a2", "b1")
-    }
+    dirs = {n: adapter_dirs[n] for n in ("a1", "a2", "b1")}
+    dirs["qv"] = make_adapter(tiny_model_dir, tmp_path / "qv", seed=11, r=4, targets=["q_proj", "v_proj"])
+    dirs["up"] = make_adapter(tiny_model_dir, tmp_path / "up", seed=12, r=6, targets=["up_proj", "o_proj"])
+    loras = {n: load_lora(d, sha256_file(d / "adapter_model.safetensors"), runner) for n, d in dirs.items()}
     segments, start = [], 0
     for name, rows in layout:
         segments.append(Segment(start, start + rows, loras[name] if name else None))
         start += rows
     plan = runner._lora_plan(segments)
-    assert isinstance(plan, _Stacked) and plan.view == (layout[1][0] is not None)
-    x = torch.randn(start, runner.hidden)
-    for group, width in (("qkv", runner.layers[0].qkv.shape[0]), ("gu", runner.layers[0].gu.shape[0])):
-        stacked, single = torch.zeros(start, width), torch.zeros(start, width)
+    assert isinstance(plan, _Stacked) and plan.view == (None not in [name for name, _ in layout])
+    widths = {"qkv": runner.layers[0].qkv.shape[0], "o": runner.hidden, "gu": runner.layers[0].gu.shape[0]}
+    for group, width in widths.items():
+        x = torch.randn(start, runner.hidden)
+        before = torch.randn(start, width)  # the deltas are added to what is there
+        stacked, single = before.clone(), before.clone()
         plan(stacked, x, 1, group)
         _PerSegment(segments)(single, x, 1, group)
         assert (stacked - single).abs().max() < 1e-5
-        assert single.abs().max() > 0
+        assert (single - before).abs().max() > 1e-3
 
 
 def test_prefill_many_equals_one_prompt_at_a_time(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:

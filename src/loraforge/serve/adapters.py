@@ -209,12 +209,14 @@ def load_lora(directory: Path, expected_sha256: str | None, runner: Any) -> Lora
             a_all = torch.cat(a_cols, dim=1).to(runner.dtype).contiguous()  # (in, R)
             b_all = torch.zeros(a_all.shape[1], sum(sizes[group]), dtype=runner.dtype)
             row = col = 0
+            spans = []
             for block, size in b_blocks:
                 if block is not None:
                     b_all[row : row + block.shape[0], col : col + size] = block
+                    spans.append((row, row + block.shape[0], col, col + size))
                     row += block.shape[0]
                 col += size
-            layers[layer][group] = LoraGroup(a_all, b_all)
+            layers[layer][group] = LoraGroup(a_all, b_all, tuple(spans))
     if len(runner.layers) <= max((layer for layer, _ in parts), default=-1):
         raise ModelError(f"{directory.name} has weights for more layers than the served base model")
     return layers

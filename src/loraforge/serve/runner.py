@@ -78,11 +78,13 @@ class LoraGroup:
     """One adapter's delta on one fused projection: ``out += (x @ a) @ b``.
 
     ``a`` is (in, R) — the A matrices of the group's parts side by side — and ``b`` is (R, out),
-    block-diagonal over the parts, with the LoRA scale folded in.
+    block-diagonal over the parts, with the LoRA scale folded in. ``parts`` says where each part's
+    block is: (first row, end row, first column, end column) of ``b``.
     """
 
     a: torch.Tensor
     b: torch.Tensor
+    parts: tuple[tuple[int, int, int, int], ...]
 
 
 # One adapter, ready to run: per layer, the groups it touches.
@@ -397,12 +399,26 @@ class _PerSegment:
                 out[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ g.a, g.b)
 
 
-# One layer's stacked adapters: per group, A (S, in, R) and B (S, R, out).
-_Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]
+@dataclass
+class _StackedGroup:
+    """One projection's adapters stacked: ``a`` (S, in, R) and, per part, a B stack.
+
+    A part (q, k or v; gate or up) holds ranks ``rows`` of ``a``'s last dimension and writes output
+    columns ``cols``: ``b`` is (S, rank, columns). Keeping parts apart, instead of one
+    block-diagonal B, halves the bytes read per step for q|k|v and gate|up.
+    """
+
+    a: torch.Tensor
+    parts: list[tuple[tuple[int, int], tuple[int, int], torch.Tensor]]  # (rows, cols, b)
+    whole: bool  # the parts' columns tile the output in order: deltas concatenated, one add
+
+
+# One layer's stacked adapters, per group.
+_Stack = dict[str, _StackedGroup]
 
 
 class _Stacked:
-    """All adapters of a step at once: ``(S, m, in) @ (S, in, R) @ (S, R, out)`` as two ``bmm``.
+    """All adapters of a step at once: ``(S, m, in) @ (S, in, R)``, then ``@ (S, r, out)`` per part.
 
     The S segments' rows are viewed as an (S, m) grid when the segments are contiguous and equally
     long; otherwise they are gathered into a padded grid (padding rows masked to zero) and the
@@ -428,34 +444,52 @@ class _Stacked:
             self.mask = torch.tensor(mask).view(self.rows, self.width, 1)
 
     def __call__(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
-        ab = self.stacks[layer].get(group)
-        if ab is None:
+        g = self.stacks[layer].get(group)
+        if g is None:
             return
-        a, b = ab
         if self.view:
             xs = x[self.start : self.end].view(self.rows, self.width, -1)
-            out[self.start : self.end].view(self.rows, self.width, -1).baddbmm_(torch.bmm(xs, a), b)
+            h = torch.bmm(xs, g.a)
+            o = out[self.start : self.end].view(self.rows, self.width, -1)
+            if len(g.parts) == 1 and g.whole:
+                o.baddbmm_(h, g.parts[0][2])
+            elif g.whole:
+                o.add_(torch.cat([torch.bmm(h[:, :, r0:r1], b) for (r0, r1), _, b in g.parts], dim=-1))
+            else:
+                for (r0, r1), (c0, c1), b in g.parts:
+                    o[:, :, c0:c1].baddbmm_(h[:, :, r0:r1], b)
             return
         xs = x.index_select(0, self.index).view(self.rows, self.width, -1)
-        h = torch.bmm(xs, a).mul_(self.mask.to(x.dtype))
-        out.index_add_(0, self.index, torch.bmm(h, b).view(self.rows * self.width, -1))
+        h = torch.bmm(xs, g.a).mul_(self.mask.to(x.dtype))
+        delta = torch.zeros(self.rows, self.width, out.shape[1], dtype=out.dtype)
+        for (r0, r1), (c0, c1), b in g.parts:
+            delta[:, :, c0:c1] = torch.bmm(h[:, :, r0:r1], b)
+        out.index_add_(0, self.index, delta.view(self.rows * self.width, -1))
 
 
 def _stack_layer(layer: int, loras: list[LoraLayers]) -> _Stack:
-    """One layer's stacks for ``loras``; a group an adapter lacks is zeros for it."""
+    """One layer's stacks for ``loras``; a part an adapter lacks is zeros for it."""
     out = {}
     for group in GROUPS:
-        parts = [lora[layer].get(group) for lora in loras]
-        present = [p for p in parts if p is not None]
+        groups = [lora[layer].get(group) for lora in loras]
+        present = [g for g in groups if g is not None]
         if not present:
             continue
-        rank = max(p.a.shape[1] for p in present)
-        fan_in, fan_out = present[0].a.shape[0], present[0].b.shape[1]
-        a = present[0].a.new_zeros(len(loras), fan_in, rank)
-        b = present[0].b.new_zeros(len(loras), rank, fan_out)
-        for i, p in enumerate(parts):
-            if p is not None:
-                a[i, :, : p.a.shape[1]] = p.a
-                b[i, : p.b.shape[0]] = p.b
-        out[group] = (a, b)
+        columns = sorted({(c0, c1) for g in present for _, _, c0, c1 in g.parts})
+        ranks = [max(r1 - r0 for g in present for r0, r1, c0, c1 in g.parts if (c0, c1) == col) for col in columns]
+        offsets = [sum(ranks[:i]) for i in range(len(ranks))]
+        fan_in = present[0].a.shape[0]
+        a = present[0].a.new_zeros(len(loras), fan_in, sum(ranks))
+        bs = [present[0].b.new_zeros(len(loras), rank, c1 - c0) for rank, (c0, c1) in zip(ranks, columns, strict=True)]
+        for i, g in enumerate(groups):
+            if g is None:
+                continue
+            for r0, r1, c0, c1 in g.parts:
+                p = columns.index((c0, c1))
+                a[i, :, offsets[p] : offsets[p] + r1 - r0] = g.a[:, r0:r1]
+                bs[p][i, : r1 - r0] = g.b[r0:r1, c0:c1]
+        whole = all(b == c for (_, b), (c, _) in itertools.pairwise(columns)) and columns[0][0] == 0
+        whole = whole and columns[-1][1] == present[0].b.shape[1]
+        parts = [((o, o + r), col, b) for o, r, col, b in zip(offsets, ranks, columns, bs, strict=True)]
+        out[group] = _StackedGroup(a, parts, whole)
     return out
