@@ -161,8 +161,8 @@ class LlamaRunner:
                     )
                 )
                 # Free the unfused copies as we go: the base weights stay in memory once.
-                for linear in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
-                    linear.weight = None
+                for proj in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
+                    proj.weight = None
             if pack_weights is None:
                 pack_weights = packing_available(self.dtype)
             self.packed = bool(pack_weights)
