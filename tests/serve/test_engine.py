@@ -212,6 +212,16 @@ def test_prefill_many_equals_one_prompt_at_a_time(tiny_model_dir: Path, adapter_
         assert (kv[:, :, slot, :, :t] - runner.kv[:, :, slot + 4, :, :t]).abs().max() < 1e-4
 
 
+def test_packing_bf16_weights_is_refused_clearly(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.errors import ModelError
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval()
+    with pytest.raises(ModelError, match="packed weights need float32"):
+        LlamaRunner(model, max_slots=2, pack_weights=True)
+
+
 def test_bf16_storage_runs_and_stays_close(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 

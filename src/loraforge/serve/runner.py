@@ -165,6 +165,11 @@ class LlamaRunner:
                     proj.weight = None
             if pack_weights is None:
                 pack_weights = packing_available(self.dtype)
+            elif pack_weights and not packing_available(self.dtype):
+                raise ModelError(
+                    f"packed weights need float32 weights and a working oneDNN; this runner has {self.dtype} "
+                    f"weights and oneDNN is {'available' if torch.backends.mkldnn.is_available() else 'missing'}"  # type: ignore[no-untyped-call]
+                )
             self.packed = bool(pack_weights)
             if self.packed:
                 # The packed copies replace the row-major ones (the head is tied to the embedding in
