@@ -155,6 +155,7 @@ def run_server(config: ServeConfig, home: Path) -> None:
                 "model": server.base.name,
                 "base_sha256": server.base.sha256,
                 "precision": str(server.engine.runner.dtype).removeprefix("torch."),
+                "packed_weights": server.engine.runner.packed,
                 "max_batch_size": config.max_batch_size,
                 "home": str(home),
                 "url": f"http://{config.host}:{config.port}/v1",
