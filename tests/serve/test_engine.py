@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -114,7 +115,9 @@ def test_sampling_with_a_seed_is_reproducible(tiny_model_dir: Path) -> None:
         engine.close()
 
 
-def test_tensor_work_runs_on_the_engine_thread(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+def test_tensor_work_runs_on_the_engine_thread(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     """The model is built and adapters are prepared by the engine's thread; errors reach the caller."""
     import threading
 
@@ -130,13 +133,23 @@ def test_tensor_work_runs_on_the_engine_thread(tiny_model_dir: Path, adapter_dir
     try:
         assert threads == ["loraforge-engine"] and engine.max_batch_size == 8
         assert engine.call(lambda: threading.current_thread().name) == "loraforge-engine"
+        assert engine.call(lambda: engine.call(lambda: 7)) == 7  # a nested call runs in place
         with pytest.raises(ZeroDivisionError):
             engine.call(lambda: 1 // 0)
-        store = AdapterStore(tiny_model_dir.parent / "home")
+        store = AdapterStore(tmp_path / "home")
         reg = store.add(adapter_dirs["a1"], "a1", tenant=None)
-        cache = AdapterCache(store, engine.runner, base_sha256=reg.base_sha256, capacity=2, run=engine.call)
+
+        def run(fn: Any) -> Any:
+            def recorded() -> Any:
+                threads.append(threading.current_thread().name)
+                return fn()
+
+            return engine.call(recorded)
+
+        cache = AdapterCache(store, engine.runner, base_sha256=reg.base_sha256, capacity=2, run=run)
         lora = cache.get(reg).lora
-        assert lora[0]["qkv"].a.shape[1] > 0
+        assert threads == ["loraforge-engine"] * 2
+        assert lora[0]["qkv"].a.shape[1] > 0 and not lora[0]["qkv"].a.is_inference()
         # The engine still generates after the calls.
         params = SamplingParams(max_tokens=3, temperature=0)
         assert len(_generate(engine, [GenerationRequest("r", [1, 2, 3], params, adapter="a1", lora=lora)], 0)[0]) == 3
@@ -150,6 +163,27 @@ def test_tensor_work_runs_on_the_engine_thread(tiny_model_dir: Path, adapter_dir
 
     with pytest.raises(ValueError, match="no model here"):
         LocalEngine(broken, tokenizer=_FakeTokenizer(), model_id="tiny")
+
+
+def test_a_dead_engine_thread_fails_calls_instead_of_hanging(tiny_model_dir: Path) -> None:
+    engine = LocalEngine(_runner(tiny_model_dir), tokenizer=_FakeTokenizer(), model_id="tiny")
+
+    def crash() -> bool:
+        raise RuntimeError("a bug in the loop")
+
+    engine._loop_once = crash  # type: ignore[method-assign]
+    # The thread is waiting inside the old loop: this call wakes it, runs, and the next pass dies.
+    assert engine.call(lambda: 1) == 1
+    engine._thread.join(timeout=10)
+    assert not engine.alive()
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        with pytest.raises(RuntimeError, match="closed"):  # not a hang (TimeoutError)
+            pool.submit(engine.call, lambda: 1).result(timeout=10)
+    finally:
+        pool.shutdown(wait=False)
 
 
 class _FakeTokenizer:

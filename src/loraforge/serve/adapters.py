@@ -8,6 +8,7 @@ been verified; an adapter for other base weights than the served ones is refused
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -131,47 +132,62 @@ class AdapterStore:
         return self.root / name
 
 
-def check_weights(directory: Path, expected_sha256: str) -> None:
-    """Raise ``ModelError`` unless the adapter's weights file has the registered checksum."""
+@dataclass
+class AdapterFiles:
+    """An adapter's checked configuration and the bytes of its weights, read without tensor work."""
+
+    name: str
+    alpha: float
+    rslora: bool
+    weights: bytes
+
+
+def read_adapter(directory: Path, expected_sha256: str) -> AdapterFiles:
+    """Read an adapter's weights once, check their sha256 and the LoRA variant.
+
+    Raises:
+        ModelError: checksum mismatch, or a LoRA variant the engine cannot run (DoRA,
+            modules_to_save, alpha_pattern).
+    """
+    name = directory.name
     weights = directory / WEIGHTS
-    digest = sha256_file(weights)
+    data = weights.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if digest != expected_sha256:
         raise ModelError(
             f"{weights} has sha256 {digest[:12]}… but was registered as {expected_sha256[:12]}…; re-register it"
         )
+    config = json.loads((directory / "adapter_config.json").read_text())
+    if config.get("use_dora"):
+        raise ModelError(f"{name} is a DoRA adapter; the serving engine runs plain LoRA and rsLoRA only")
+    if config.get("modules_to_save"):
+        raise ModelError(f"{name} trains whole modules ({config['modules_to_save']}); the engine cannot serve it")
+    if config.get("alpha_pattern"):
+        raise ModelError(f"{name} uses alpha_pattern, which the serving engine does not support")
+    return AdapterFiles(name, float(config.get("lora_alpha", 8)), bool(config.get("use_rslora")), data)
 
 
-def load_lora(directory: Path, expected_sha256: str | None, runner: Any) -> LoraLayers:
+def load_lora(directory: Path, expected_sha256: str, runner: Any) -> LoraLayers:
     """Read an adapter's weights into the runner's fused layout (scale folded into ``b``).
-
-    ``expected_sha256`` None skips the checksum (the caller has just checked it).
 
     Raises:
         ModelError: checksum mismatch, a LoRA variant the engine cannot run (DoRA, embeddings,
             modules_to_save), or shapes that do not fit the served base model.
     """
-    from safetensors.torch import load_file
+    return build_lora(read_adapter(directory, expected_sha256), runner)
 
-    weights = directory / WEIGHTS
-    if expected_sha256 is not None:
-        check_weights(directory, expected_sha256)
-    config = json.loads((directory / "adapter_config.json").read_text())
-    if config.get("use_dora"):
-        raise ModelError(f"{directory.name} is a DoRA adapter; the serving engine runs plain LoRA and rsLoRA only")
-    if config.get("modules_to_save"):
-        raise ModelError(
-            f"{directory.name} trains whole modules ({config['modules_to_save']}); the engine cannot serve it"
-        )
-    if config.get("alpha_pattern"):
-        raise ModelError(f"{directory.name} uses alpha_pattern, which the serving engine does not support")
-    alpha = float(config.get("lora_alpha", 8))
-    rslora = bool(config.get("use_rslora"))
-    tensors = load_file(str(weights))
+
+def build_lora(files: AdapterFiles, runner: Any) -> LoraLayers:
+    """The tensor half of ``load_lora``: weights → the runner's fused layout."""
+    from safetensors.torch import load
+
+    name, alpha, rslora = files.name, files.alpha, files.rslora
+    tensors = load(files.weights)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY_RE.search(key)
         if m is None or m.group(2) not in GROUP_OF:
-            raise ModelError(f"{directory.name}: tensor {key!r} is not a LoRA weight of an attention or MLP projection")
+            raise ModelError(f"{name}: tensor {key!r} is not a LoRA weight of an attention or MLP projection")
         parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
     sizes = {
         "qkv": [runner.heads * runner.head_dim, runner.kv_heads * runner.head_dim, runner.kv_heads * runner.head_dim],
@@ -195,12 +211,12 @@ def load_lora(directory: Path, expected_sha256: str | None, runner: Any) -> Lora
                     b_blocks.append((None, size))
                     continue
                 if "A" not in ab or "B" not in ab:
-                    raise ModelError(f"{directory.name}: layer {layer} {name} lacks lora_A or lora_B")
+                    raise ModelError(f"{name}: layer {layer} {name} lacks lora_A or lora_B")
                 a, b = ab["A"], ab["B"]  # (r, in), (out, r)
                 r = a.shape[0]
                 if a.shape[1] != inputs[group] or b.shape != (size, r):
                     raise ModelError(
-                        f"{directory.name}: layer {layer} {name} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, "
+                        f"{name}: layer {layer} {name} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, "
                         f"which do not fit the served base model; was it trained on another base?"
                     )
                 scale = alpha / (r**0.5 if rslora else r)
@@ -218,7 +234,7 @@ def load_lora(directory: Path, expected_sha256: str | None, runner: Any) -> Lora
                 col += size
             layers[layer][group] = LoraGroup(a_all, b_all, tuple(spans))
     if len(runner.layers) <= max((layer for layer, _ in parts), default=-1):
-        raise ModelError(f"{directory.name} has weights for more layers than the served base model")
+        raise ModelError(f"{name} has weights for more layers than the served base model")
     return layers
 
 
@@ -272,9 +288,9 @@ class AdapterCache:
                     f"adapter {reg.name!r} was trained on base weights {reg.base_sha256[:12]}…, "
                     f"but this server runs {self.base_sha256[:12]}…"
                 )
-            path = self.store.path(reg.name)
-            check_weights(path, reg.weights_sha256)  # here: hashing is no tensor work
-            loaded = LoadedAdapter(reg, self.run(lambda: load_lora(path, None, self.runner)))
+            # Reading and hashing here; only the tensor work goes through ``run``.
+            files = read_adapter(self.store.path(reg.name), reg.weights_sha256)
+            loaded = LoadedAdapter(reg, self.run(lambda: build_lora(files, self.runner)))
             with self._lock:
                 self._loaded[reg.name] = loaded
                 self._loaded.move_to_end(reg.name)

@@ -249,13 +249,19 @@ class LocalEngine:
         """Run ``fn`` on the engine's thread between two decode steps and return its result.
 
         For tensor work outside decoding (preparing an adapter), so that only the engine's
-        thread ever runs PyTorch operations. Blocks the caller (use it from a worker thread).
+        thread ever runs PyTorch operations. ``fn`` runs outside inference mode: the tensors it
+        makes are ordinary ones, kept beyond the step. Blocks the caller (use it from a worker
+        thread).
+
+        Raises:
+            RuntimeError: the engine is closed or its thread has stopped.
         """
         if threading.current_thread() is self._thread:
-            return fn()
+            with torch.inference_mode(False):
+                return fn()
         done: Future[T] = Future()
         with self._cond:
-            if self._closed:
+            if self._closed or not self._thread.is_alive():
                 raise RuntimeError("the engine is closed")
             self._calls.append((fn, done))
             self._cond.notify()
@@ -276,15 +282,21 @@ class LocalEngine:
             built.set_exception(e)
             return
         built.set_result(self.runner)
-        with torch.inference_mode():
-            while self._loop_once():
-                self._outbox.flush()
-        for gen in [*self._pending, *(r.gen for r in self._rows)]:
-            gen.emit(ErrorEvent("the server is shutting down", 503))
-            gen.emit(None)
-        self._outbox.flush()
-        for _, done in self._calls:
-            done.set_exception(RuntimeError("the engine is closed"))
+        try:
+            with torch.inference_mode():
+                while self._loop_once():
+                    self._outbox.flush()
+        finally:  # closed, or an error escaped the loop: nobody may wait on this thread any more
+            with self._cond:
+                self._closed = True
+                calls = list(self._calls)
+                self._calls.clear()
+            for gen in [*self._pending, *(r.gen for r in self._rows)]:
+                gen.emit(ErrorEvent("the server is shutting down", 503))
+                gen.emit(None)
+            self._outbox.flush()
+            for _, done in calls:
+                done.set_exception(RuntimeError("the engine is closed"))
 
     def _run_calls(self, calls: list[tuple[Callable[[], Any], Future[Any]]]) -> None:
         for fn, done in calls:
@@ -304,7 +316,7 @@ class LocalEngine:
             self._calls.clear()
             admitted = self._take_pending()
         if calls:
-            with torch.inference_mode(False):  # adapters are kept beyond this step: normal tensors
+            with torch.inference_mode(False):  # what the calls make is kept beyond this step
                 self._run_calls(calls)
         scoring = [g for g in admitted if g.request.params.max_tokens == 0]
         generating = [g for g in admitted if g.request.params.max_tokens > 0]

@@ -168,7 +168,8 @@ class LlamaRunner:
             elif pack_weights and not packing_available(self.dtype):
                 raise ModelError(
                     f"packed weights need float32 weights and a working oneDNN; this runner has {self.dtype} "
-                    f"weights and oneDNN is {'available' if torch.backends.mkldnn.is_available() else 'missing'}"  # type: ignore[no-untyped-call]
+                    f"weights, and oneDNN is {'available' if torch.backends.mkldnn.is_available() else 'missing'}"  # type: ignore[no-untyped-call]
+                    " (or failed its check against F.linear)"
                 )
             self.packed = bool(pack_weights)
             if self.packed:
