@@ -494,8 +494,8 @@ def _stack_layer(layer: int, loras: list[LoraLayers]) -> _Stack:
                 p = columns.index((c0, c1))
                 a[i, :, offsets[p] : offsets[p] + r1 - r0] = g.a[:, r0:r1]
                 bs[p][i, : r1 - r0] = g.b[r0:r1, c0:c1]
-        whole = all(b == c for (_, b), (c, _) in itertools.pairwise(columns)) and columns[0][0] == 0
-        whole = whole and columns[-1][1] == present[0].b.shape[1]
+        edges = [c for span in columns for c in span]  # the parts tile 0..out in order
+        whole = edges[0] == 0 and edges[-1] == present[0].b.shape[1] and edges[1:-1:2] == edges[2:-1:2]
         parts = [((o, o + r), col, b) for o, r, col, b in zip(offsets, ranks, columns, bs, strict=True)]
         out[group] = _StackedGroup(a, parts, whole)
     return out
