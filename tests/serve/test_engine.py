@@ -59,6 +59,20 @@ def test_adapter_with_wrong_checksum_is_refused(tiny_model_dir: Path, adapter_di
         load_lora(adapter_dirs["a1"], "0" * 64, _runner(tiny_model_dir))
 
 
+def test_adapter_with_a_missing_file_is_a_clear_error(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from loraforge.errors import ModelError
+
+    copy = Path(shutil.copytree(adapter_dirs["a1"], tmp_path / "a1"))
+    digest = sha256_file(copy / "adapter_model.safetensors")
+    (copy / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"adapter_model\.safetensors is missing.*re-register"):
+        load_lora(copy, digest, _runner(tiny_model_dir))
+
+
 def _generate(engine: LocalEngine, requests: list[GenerationRequest], stagger: float) -> list[list[int]]:
     async def one(req: GenerationRequest, delay: float) -> list[int]:
         await asyncio.sleep(delay)

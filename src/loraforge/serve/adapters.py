@@ -146,11 +146,16 @@ def read_adapter(directory: Path, expected_sha256: str) -> AdapterFiles:
     """Read an adapter's weights once, check their sha256 and the LoRA variant.
 
     Raises:
-        ModelError: checksum mismatch, or a LoRA variant the engine cannot run (DoRA,
-            modules_to_save, alpha_pattern).
+        ModelError: a missing file, a checksum mismatch, or a LoRA variant the engine cannot run
+            (DoRA, modules_to_save, alpha_pattern).
     """
     name = directory.name
     weights = directory / WEIGHTS
+    for path in (weights, directory / "adapter_config.json"):
+        if not path.is_file():
+            raise ModelError(
+                f"{path} is missing from the adapter store; re-register the adapter (loraforge adapters add)"
+            )
     data = weights.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected_sha256:
