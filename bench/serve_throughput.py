@@ -15,8 +15,10 @@ The mixed batch against the base batch, and loraforge with adapters against the 
 each measured twice, alternated, keeping the best of each: the shared machine's slow spells then
 hit neither side of a ratio alone.
 Latency: 64 concurrent streaming clients (32 tokens each): p50/p99 latency and time to first token.
+The server runs with ``--weight-format`` (default ``auto``: fp16 weights where fbgemm works); a
+second server with float32 weights (``onednn``) measures batch-1 decode again, for reference.
 
-    python bench/serve_throughput.py
+    python bench/serve_throughput.py [--weight-format auto|fp16|onednn|row-major]
 
 The last line of output is one JSON object (speedup_vs_sequential, speedup_vs_mixed,
 adapter_overhead, decode_ms_per_token, p99_latency_s, ...).
@@ -166,7 +168,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(home: Path, dirs: list[Path]) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_server(home: Path, dirs: list[Path], weight_format: str) -> tuple[subprocess.Popen[bytes], str, str]:
     from loraforge.serve.adapters import AdapterStore
     from loraforge.serve.keys import KeyStore
 
@@ -175,7 +177,8 @@ def start_server(home: Path, dirs: list[Path]) -> tuple[subprocess.Popen[bytes],
     key, _ = KeyStore(home).create("bench")
     port = _free_port()
     (home / "serve.yaml").write_text(
-        "requests_per_minute: 100000\ntokens_per_minute: 100000000\nmax_concurrent_requests: 1000\nmax_batch_size: 16\n"
+        "requests_per_minute: 100000\ntokens_per_minute: 100000000\nmax_concurrent_requests: 1000\n"
+        f"max_batch_size: 16\nweight_format: {weight_format}\n"
     )
     command = [sys.executable, "-m", "loraforge", "serve", "--home", str(home), "--port", str(port)]
     proc = subprocess.Popen(
@@ -242,6 +245,13 @@ async def _load(
     return wall, list(results)
 
 
+def batch1_ms_per_token(url: str, key: str, base_id: str) -> float:
+    """Like HF generate's figure: (time for 129 tokens - time for 1 token) / 128, one request alone."""
+    first = min(asyncio.run(_load(url, key, [base_id], 1))[0] for _ in range(3))
+    total = min(asyncio.run(_load(url, key, [base_id], 129))[0] for _ in range(REPEATS))
+    return (total - first) / 128 * 1000
+
+
 def loraforge_runs(url: str, key: str, base_id: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     asyncio.run(_load(url, key, ["adapter0", base_id], 4))  # warm-up, adapters loaded
@@ -256,10 +266,7 @@ def loraforge_runs(url: str, key: str, base_id: str) -> dict[str, Any]:
     out["adapters_tok_s"], out["base_tok_s"] = max(with_adapters), max(base_only)
     print(f"(c) loraforge over HTTP, 4 adapters: {out['adapters_tok_s']:.1f} tok/s", flush=True)
     print(f"    loraforge over HTTP, base only: {out['base_tok_s']:.1f} tok/s", flush=True)
-    # Like HF generate's figure: (time for 129 tokens - time for 1 token) / 128, one request alone.
-    first = min(asyncio.run(_load(url, key, [base_id], 1))[0] for _ in range(3))
-    total = min(asyncio.run(_load(url, key, [base_id], 129))[0] for _ in range(REPEATS))
-    out["decode_ms_per_token"] = (total - first) / 128 * 1000
+    out["decode_ms_per_token"] = batch1_ms_per_token(url, key, base_id)
     print(f"    loraforge batch 1: {out['decode_ms_per_token']:.1f} ms/token", flush=True)
     clients = [f"adapter{i % ADAPTERS}" for i in range(64)]
     wall, res = asyncio.run(_load(url, key, clients, 32, stream=True))
@@ -280,21 +287,34 @@ def loraforge_runs(url: str, key: str, base_id: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args()
+    parser.add_argument("--weight-format", default="auto", help="the server's weight_format (see docs/serving.md)")
+    args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LORAFORGE_MODEL_CACHE", str(REPO / ".cache" / "models"))
     import torch
 
+    from loraforge.serve.runner import resolve_weight_format
+
+    weight_format = resolve_weight_format(args.weight_format, torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dirs, base = make_adapters(root / "adapters")
         peft = peft_baselines(dirs, base)
-        proc, url, key = start_server(root / "home", dirs)
+        proc, url, key = start_server(root / "home", dirs, weight_format)
         try:
             ours = loraforge_runs(url, key, base.name)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        fp32_ms = None
+        if weight_format == "fp16":
+            proc, url, key = start_server(root / "home-fp32", dirs[:1], "onednn")
+            try:
+                fp32_ms = batch1_ms_per_token(url, key, base.name)
+                print(f"    loraforge batch 1, float32 weights (onednn): {fp32_ms:.1f} ms/token", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
     summary = {
         "speedup_vs_sequential": ours["adapters_tok_s"] / peft["sequential_tok_s"],
         "speedup_vs_mixed": ours["adapters_tok_s"] / peft["mixed_tok_s"],
@@ -303,6 +323,8 @@ def main() -> None:
         "decode_ms_per_token": ours["decode_ms_per_token"],
         "hf_decode_ms_per_token": peft["hf_decode_ms_per_token"],
         "decode_speedup_vs_hf": peft["hf_decode_ms_per_token"] / ours["decode_ms_per_token"],
+        "decode_ms_per_token_fp32_weights": fp32_ms,
+        "weight_format": weight_format,
         "p50_latency_s": ours["latency"]["p50_latency_s"],
         "p99_latency_s": ours["latency"]["p99_latency_s"],
         "p50_ttft_s": ours["latency"]["p50_ttft_s"],
@@ -337,6 +359,11 @@ def main() -> None:
         f"| batch-1 decode (ms/token) | {summary['hf_decode_ms_per_token']:.1f} | "
         f"{summary['decode_ms_per_token']:.1f} | {summary['decode_speedup_vs_hf']:.2f}x |"
     )
+    if fp32_ms is not None:
+        print(
+            f"| batch-1 decode, float32 weights (ms/token) | {summary['hf_decode_ms_per_token']:.1f} | "
+            f"{fp32_ms:.1f} | {summary['hf_decode_ms_per_token'] / fp32_ms:.2f}x |"
+        )
     print(
         f"| 64 clients: p50 / p99 latency (s) | | {summary['p50_latency_s']:.2f} / {summary['p99_latency_s']:.2f} | |"
     )

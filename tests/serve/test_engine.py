@@ -13,34 +13,48 @@ import torch
 from loraforge.models.sources import sha256_file
 from loraforge.serve.adapters import load_lora
 from loraforge.serve.engine import FinishEvent, GenerationRequest, LocalEngine, SamplingParams, TokenEvent
-from loraforge.serve.runner import MKLDNN, LlamaRunner, Segment, packing_available
+from loraforge.serve.runner import MKLDNN, LlamaRunner, Segment, format_available
 
-NO_ONEDNN = pytest.mark.skipif(not packing_available(torch.float32), reason="no oneDNN")
-PACKING = [False, pytest.param(True, marks=NO_ONEDNN)]
+FORMATS = [
+    "row-major",
+    pytest.param("onednn", marks=pytest.mark.skipif(not format_available("onednn", torch.float32), reason="no oneDNN")),
+    pytest.param("fp16", marks=pytest.mark.skipif(not format_available("fp16", torch.float32), reason="no fbgemm")),
+]
 
 
-def _runner(model_dir: Path, slots: int = 8, *, pack: bool | None = None) -> LlamaRunner:
+def _runner(model_dir: Path, slots: int = 8, *, weight_format: str = "auto") -> LlamaRunner:
     from transformers import AutoModelForCausalLM
 
-    return LlamaRunner(AutoModelForCausalLM.from_pretrained(str(model_dir)).eval(), max_slots=slots, pack_weights=pack)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    return LlamaRunner(model, max_slots=slots, weight_format=weight_format)
 
 
-@pytest.mark.parametrize("pack", PACKING, ids=["row-major", "packed"])
-def test_runner_logits_match_peft_within_1e4(tiny_model_dir: Path, adapter_dirs: dict[str, Path], pack: bool) -> None:
+@pytest.mark.parametrize("weight_format", FORMATS)
+def test_runner_logits_match_peft_within_1e4(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], weight_format: str
+) -> None:
+    """Against PEFT on the weights the format stores: fp16 weights are compared with a PEFT model
+    whose base weights were rounded to fp16, so the products themselves must agree to 1e-4."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     adapter = adapter_dirs["a1"]
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapter))
     peft_model.eval()
+    if weight_format == "fp16":
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if p.dim() == 2 and "lora_" not in name:  # projections, embedding (and the tied head)
+                    p.copy_(p.half().float())
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 2477, 30]])
     with torch.no_grad():
         expected = peft_model(ids).logits[0]
         with peft_model.disable_adapter():
             expected_base = peft_model(ids).logits[0]
-    runner = _runner(tiny_model_dir, pack=pack)
-    assert runner.packed is pack
-    assert (runner.layers[0].gu.layout == MKLDNN) is pack
+    runner = _runner(tiny_model_dir, weight_format=weight_format)
+    assert runner.weight_format == weight_format
+    assert (getattr(runner.layers[0].gu, "layout", None) == MKLDNN) is (weight_format == "onednn")
+    assert isinstance(runner.layers[0].gu, torch.Tensor) is (weight_format != "fp16")
     lora = load_lora(adapter, sha256_file(adapter / "adapter_model.safetensors"), runner)
     tokens = ids[0].tolist()
     prefill = runner.prefill(0, tokens[:-1], lora, all_logits=True)
@@ -50,6 +64,20 @@ def test_runner_logits_match_peft_within_1e4(tiny_model_dir: Path, adapter_dirs:
     assert (step[0] - expected[-1]).abs().max() < 1e-4
     assert (step[1] - expected_base[-1]).abs().max() < 1e-4
     assert (expected[-1] - expected_base[-1]).abs().max() > 1e-2  # the adapter changes the output
+
+
+def test_fp16_weights_stay_close_to_fp32(tiny_model_dir: Path) -> None:
+    """fp16 storage changes the numbers only by the weights' rounding: near the fp32 logits, the
+    same greedy choices on a random model, and half the bytes."""
+    if not format_available("fp16", torch.float32):
+        pytest.skip("no fbgemm")
+    fp32, fp16 = _runner(tiny_model_dir, weight_format="row-major"), _runner(tiny_model_dir, weight_format="fp16")
+    tokens = list(range(5, 60))
+    a, b = fp32.prefill(0, tokens, None, all_logits=True), fp16.prefill(0, tokens, None, all_logits=True)
+    assert b.dtype == torch.float32 and fp16.kv.dtype == torch.float32  # activations stay fp32
+    assert 0 < (a - b).abs().max() < 1e-2 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+    assert fp16.embed.dtype == torch.float16
 
 
 def test_adapter_with_wrong_checksum_is_refused(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
@@ -235,7 +263,8 @@ def test_stacked_adapters_equal_per_segment(
         start += rows
     plan = runner._lora_plan(segments)
     assert isinstance(plan, _Stacked) and plan.view == (None not in [name for name, _ in layout])
-    widths = {"qkv": runner.layers[0].qkv.shape[0], "o": runner.hidden, "gu": runner.layers[0].gu.shape[0]}
+    qkv = (runner.heads + 2 * runner.kv_heads) * runner.head_dim
+    widths = {"qkv": qkv, "o": runner.hidden, "gu": 2 * runner.intermediate}
     for group, width in widths.items():
         x = torch.randn(start, runner.hidden)
         before = torch.randn(start, width)  # the deltas are added to what is there
@@ -260,14 +289,29 @@ def test_prefill_many_equals_one_prompt_at_a_time(tiny_model_dir: Path, adapter_
         assert (kv[:, :, slot, :, :t] - runner.kv[:, :, slot + 4, :, :t]).abs().max() < 1e-4
 
 
-def test_packing_bf16_weights_is_refused_clearly(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("weight_format", ["fp16", "onednn"])
+def test_packed_formats_for_bf16_weights_are_refused_clearly(tiny_model_dir: Path, weight_format: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from loraforge.errors import ModelError
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval()
-    with pytest.raises(ModelError, match="packed weights need float32"):
-        LlamaRunner(model, max_slots=2, pack_weights=True)
+    with pytest.raises(ModelError, match=f"the {weight_format} weight format needs float32.*torch.bfloat16"):
+        LlamaRunner(model, max_slots=2, weight_format=weight_format)
+
+
+def test_unknown_weight_format_is_refused(tiny_model_dir: Path) -> None:
+    from loraforge.errors import ModelError
+
+    with pytest.raises(ModelError, match="weight format must be one of auto, fp16, onednn, row-major, got 'int3'"):
+        _runner(tiny_model_dir, weight_format="int3")
+
+
+def test_auto_weight_format_for_bf16_weights_is_row_major(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval()
+    assert LlamaRunner(model, max_slots=2).weight_format == "row-major"
 
 
 def test_bf16_storage_runs_and_stays_close(tiny_model_dir: Path) -> None:

@@ -135,3 +135,33 @@ def test_adapter_for_other_base_weights_is_a_clear_400(server, adapter_dirs, tmp
         store.remove("other-base")
     assert r.status_code == 400
     assert "trained on base weights ffffffffffff" in r.json()["error"]["message"]
+
+
+def test_text_stream_equals_decoding_everything_at_once(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The real tokenizer, token by token, over text with multi-byte characters split across
+    tokens, runs of spaces and special tokens: the deltas add up to the whole decoded text."""
+    text = (
+        "Return within 30 days 🚲 — café, naïve, 東京駅, Ελληνικά;   three spaces\n\n"
+        "<|im_end|> after a special token: ok. 🤖🤖 done"
+    )
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert any(tokenizer.decode([i]).endswith("\ufffd") for i in ids)  # a character split across tokens
+    stream = TextStream(tokenizer, [])
+    sent = []
+    for i in ids:
+        delta, stopped = stream.push(i)
+        assert not stopped and "\ufffd" not in delta
+        sent.append(delta)
+    assert "".join(sent) + stream.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_text_stream_finds_a_stop_string_split_across_tokens(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ids = tokenizer("The answer is 42. STOP-HERE and more text", add_special_tokens=False).input_ids
+    stream = TextStream(tokenizer, ["STOP-HERE"])
+    sent, stopped = [], False
+    for i in ids:
+        delta, stopped = stream.push(i)
+        sent.append(delta)
+        if stopped:
+            break
+    assert stopped and "".join(sent) == "The answer is 42. "

@@ -197,7 +197,7 @@ def build_lora(files: AdapterFiles, runner: Any) -> LoraLayers:
     sizes = {
         "qkv": [runner.heads * runner.head_dim, runner.kv_heads * runner.head_dim, runner.kv_heads * runner.head_dim],
         "o": [runner.hidden],
-        "gu": [runner.layers[0].gu.shape[0] // 2] * 2,
+        "gu": [runner.intermediate] * 2,
         "down": [runner.hidden],
     }
     inputs = {"qkv": runner.hidden, "o": runner.heads * runner.head_dim, "gu": runner.hidden}

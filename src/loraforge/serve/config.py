@@ -9,6 +9,7 @@ from typing import Any
 from loraforge._config import read_config_file
 from loraforge.errors import ConfigError
 from loraforge.models.sources import DEFAULT_BASE_MODEL
+from loraforge.serve.runner import WEIGHT_FORMATS
 from loraforge.train.config import PRECISIONS
 
 
@@ -45,7 +46,11 @@ class ServeConfig:
     """Serve /metrics without an admin key (it names tenants and adapters)."""
     precision: str = "auto"
     """How the base weights are stored: bf16 where bf16 matmuls are fast (AMX, AVX512-BF16, CUDA),
-    else fp32 ("auto"); or "bf16" / "fp32" explicitly. Adapters run in the same precision."""
+    else fp32 ("auto"); or "bf16" / "fp32" explicitly. Adapters and activations run in this precision."""
+    weight_format: str = "auto"
+    """How the engine holds fp32 base weights: "fp16" (half the bytes per decoded token, multiplied in
+    fp32), "onednn" (fp32 in oneDNN's blocked layout) or "row-major"; "auto" takes the first that works
+    here. bf16 weights are always row-major."""
     threads: int | None = None
     """PyTorch threads for the engine (default: PyTorch's choice, one per core)."""
 
@@ -74,6 +79,8 @@ class ServeConfig:
             problems.append(f"max_context_tokens must be >= 2, got {self.max_context_tokens}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            problems.append(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
         if self.port > 65535:
             problems.append(f"port must be <= 65535, got {self.port}")
         if problems:

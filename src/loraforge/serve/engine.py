@@ -502,7 +502,8 @@ class LocalEngine:
         """Pick each row's next token from ``logits`` (one row per entry), emit it, retire finished rows."""
         early = [i for i, r in enumerate(rows) if r.generated < r.gen.request.params.min_tokens]
         if early and self.stop_tokens:
-            logits = logits.clone()
+            # In place: a step's logits are its own (a prompt's are expanded to its choices: copied).
+            logits = logits if logits.is_contiguous() else logits.contiguous()
             logits[torch.tensor(early)[:, None], self._stop_ids[None, :]] = float("-inf")
         tokens = logits.argmax(dim=-1).tolist()
         logprobs = None

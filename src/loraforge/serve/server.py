@@ -81,7 +81,7 @@ def build_server(config: ServeConfig, home: Path) -> Server:
         dtype = resolve_precision(config.precision, torch.device("cpu"))
         model = load_model(base, dtype=dtype)
         model.eval()  # type: ignore[no-untyped-call]
-        return LlamaRunner(model, max_slots=config.max_batch_size)
+        return LlamaRunner(model, max_slots=config.max_batch_size, weight_format=config.weight_format)
 
     metrics = Metrics()
     stop_tokens = {tokenizer.eos_token_id} | {
@@ -155,7 +155,7 @@ def run_server(config: ServeConfig, home: Path) -> None:
                 "model": server.base.name,
                 "base_sha256": server.base.sha256,
                 "precision": str(server.engine.runner.dtype).removeprefix("torch."),
-                "packed_weights": server.engine.runner.packed,
+                "weight_format": server.engine.runner.weight_format,
                 "max_batch_size": config.max_batch_size,
                 "home": str(home),
                 "url": f"http://{config.host}:{config.port}/v1",
