@@ -365,7 +365,9 @@ class LlamaRunner:
         length = int(max(positions)) + 1
         self.reserve(length)
         rows = torch.arange(n)
-        mask = (torch.arange(length)[None, :] <= pos[:, None])[:, None, None, :]  # (n, 1, 1, L)
+        mask = None  # every row sees all L positions when all rows are at the same one (batch 1)
+        if min(positions) != max(positions):
+            mask = (torch.arange(length)[None, :] <= pos[:, None])[:, None, None, :]  # (n, 1, 1, L)
         group = self.heads // self.kv_heads
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
