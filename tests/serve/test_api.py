@@ -138,3 +138,32 @@ def test_health_and_ready(server) -> None:  # type: ignore[no-untyped-def]
     assert ready["status"] == "ready" and ready["model"] == server.engine.model_id
     r = httpx.get(server.url + "/v1/nothing-here")
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_shared_system_prompt_is_reused_within_a_tenant_only(server) -> None:  # type: ignore[no-untyped-def]
+    """The public adapter p1, one long system prompt: tenant a's second request reuses the first's
+    prefix and answers the same; tenant b, on the same adapter, starts cold."""
+    from openai import OpenAI
+
+    def hits() -> int:
+        return int(httpx.get(server.url + "/ready").json()["prefix_cache_hit_tokens"])
+
+    system = "You answer questions about bicycles, returns and warranties. " * 24  # > 2 blocks of 64
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Can I return a bike?"}]
+    a = OpenAI(base_url=server.url + "/v1", api_key=server.keys["a"], max_retries=0)
+    b = OpenAI(base_url=server.url + "/v1", api_key=server.keys["b"], max_retries=0)
+
+    def ask(client: OpenAI) -> str:
+        r = client.chat.completions.create(model="p1", messages=messages, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+        return str(r.choices[0].message.content)
+
+    before = hits()
+    first = ask(a)
+    assert hits() == before
+    assert ask(a) == first
+    reused = hits() - before
+    assert reused >= 128
+    assert ask(b) == first
+    assert hits() - before == reused  # nothing of tenant a's was reused for tenant b
+    metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {server.keys['admin']}"}).text
+    assert "loraforge_prefix_cache_hit_ratio" in metrics and "loraforge_prefix_cache_bytes" in metrics

@@ -192,6 +192,10 @@ def create_app(
         metrics.queue_depth.set(stats["queue_depth"])
         metrics.batch_size.set(stats["batch_size"])
         metrics.loaded_adapters.set(len(cache.loaded()) if cache else 0)
+        if "prefix_cache_bytes" in stats:
+            metrics.prefix_cache_bytes.set(stats["prefix_cache_bytes"])
+            looked_up = max(1, stats["prefix_cache_prompt_tokens"])
+            metrics.prefix_cache_hit_ratio.set(stats["prefix_cache_hit_tokens"] / looked_up)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -51,6 +51,9 @@ class ServeConfig:
     """How the engine holds fp32 base weights: "fp16" (half the bytes per decoded token, multiplied in
     fp32), "onednn" (fp32 in oneDNN's blocked layout) or "row-major"; "auto" takes the first that works
     here. bf16 weights are always row-major."""
+    prefix_cache_mb: int = 256
+    """Memory for the keys and values of prompt prefixes seen before (0 = off). A request that starts
+    like an earlier one of the same tenant and adapter (a shared system prompt) skips their prefill."""
     threads: int | None = None
     """PyTorch threads for the engine (default: PyTorch's choice, one per core)."""
 
@@ -75,6 +78,8 @@ class ServeConfig:
         for name in ("price_per_1k_prompt_tokens", "price_per_1k_completion_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prefix_cache_mb < 0:
+            problems.append(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         if self.max_context_tokens is not None and self.max_context_tokens < 2:
             problems.append(f"max_context_tokens must be >= 2, got {self.max_context_tokens}")
         if self.precision not in PRECISIONS:

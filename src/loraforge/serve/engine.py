@@ -20,6 +20,7 @@ decoding ~1.5× faster on two cores (see docs/serving.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from loraforge.serve.prefix_cache import PrefixCache
 from loraforge.serve.runner import LlamaRunner, LoraLayers, Segment
 from loraforge.serve.text import TextStream
 
@@ -60,6 +62,7 @@ class GenerationRequest:
     adapter: str | None = None  # adapter name, for grouping and metrics
     lora: LoraLayers | None = None
     n: int = 1
+    cache_scope: str | None = None  # whose cached prompt prefixes it may reuse (None: no reuse)
 
 
 @dataclass
@@ -197,6 +200,7 @@ class LocalEngine:
         model_id: the name clients use for the base model.
         max_queue_wait_s: a request not started within this time gets an error (503).
         stop_tokens: ids that end a generation (end of turn, end of text).
+        prefix_cache: keeps prompt prefixes' keys and values for requests of the same scope.
     """
 
     def __init__(
@@ -208,8 +212,10 @@ class LocalEngine:
         max_queue_wait_s: float = 30.0,
         stop_tokens: Sequence[int] = (),
         observer: EngineObserver | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.prefix_cache = prefix_cache
         self.model_id = model_id
         self.max_queue_wait_s = max_queue_wait_s
         self.stop_tokens = set(stop_tokens)
@@ -240,7 +246,15 @@ class LocalEngine:
         return gen
 
     def stats(self) -> dict[str, int]:
-        return {"queue_depth": len(self._pending), "batch_size": len(self._rows)}
+        out = {"queue_depth": len(self._pending), "batch_size": len(self._rows)}
+        if self.prefix_cache is not None:
+            cache = self.prefix_cache.stats()
+            out.update(
+                prefix_cache_prompt_tokens=cache.prompt_tokens,
+                prefix_cache_hit_tokens=cache.hit_tokens,
+                prefix_cache_bytes=cache.bytes,
+            )
+        return out
 
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closed
@@ -408,12 +422,23 @@ class LocalEngine:
             gen.emit(_prompt_event(gen.request.prompt, logits, gen.request.params.logprobs or 0))
             self._start_rows(gen, first, logits[-1:])
         if plain:
+            slots = [self._rows.index(r[0]) for _, r in plain]
+            cache = self.prefix_cache
+            scopes = [g.request.cache_scope if cache is not None else None for g, _ in plain]
+            past = [0] * len(plain)
+            for i, ((gen, _), scope) in enumerate(zip(plain, scopes, strict=True)):
+                if cache is not None and scope is not None:  # a cached prefix goes straight into the slot
+                    past[i] = self.runner.write_prefix(slots[i], cache.lookup(scope, gen.request.prompt))
             last = self.runner.prefill_many(
-                [self._rows.index(r[0]) for _, r in plain],
-                [g.request.prompt for g, _ in plain],
+                slots,
+                [g.request.prompt[p:] for (g, _), p in zip(plain, past, strict=True)],
                 [g.request.lora for g, _ in plain],
+                past,
             )
-            for i, (gen, mine) in enumerate(plain):
+            for i, ((gen, mine), scope) in enumerate(zip(plain, scopes, strict=True)):
+                if cache is not None and scope is not None:
+                    read = functools.partial(self.runner.read_prefix, slots[i])
+                    cache.insert(scope, gen.request.prompt, past[i], read)
                 self._start_rows(gen, mine, last[i : i + 1])
 
     def _start_rows(self, gen: Generation, rows: list[_Row], logits: torch.Tensor) -> None:

@@ -36,6 +36,14 @@ class Metrics:
             "loraforge_batch_size_per_step", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
         self.loaded_adapters = Gauge("loraforge_loaded_adapters", "Adapters held in memory", registry=r)
+        self.prefix_cache_bytes = Gauge(
+            "loraforge_prefix_cache_bytes", "Bytes of cached prompt-prefix keys and values", registry=r
+        )
+        self.prefix_cache_hit_ratio = Gauge(
+            "loraforge_prefix_cache_hit_ratio",
+            "Share of prompt tokens (of requests that may use the cache) not prefilled again, since start",
+            registry=r,
+        )
 
     def step(self, batch_size: int, queue_depth: int, seconds: float) -> None:
         """Engine observer: called after every decode step (from the engine thread)."""

@@ -306,23 +306,37 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def prefill_many(
-        self, slots: Sequence[int], prompts: Sequence[Sequence[int]], loras: Sequence[LoraLayers | None]
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        loras: Sequence[LoraLayers | None],
+        past: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Several prompts in one forward pass (their tokens side by side, attention kept within
         each prompt), filling each one's slot. Prompts of one adapter should be adjacent, so that
         each adapter's delta runs once over all of its tokens.
 
+        Args:
+            past: per prompt, how many positions its slot already holds (a cached prefix, see
+                ``write_prefix``); its tokens then continue from that position and attend to them.
+
         Returns:
             logits (P, vocab) at each prompt's last position.
         """
+        past = list(past) if past is not None else [0] * len(prompts)
         lengths = [len(p) for p in prompts]
-        self.reserve(max(lengths))
+        self.reserve(max(p + n for p, n in zip(past, lengths, strict=True)))
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
-        positions = torch.cat([torch.arange(n) for n in lengths])
+        positions = torch.cat([torch.arange(p, p + n) for p, n in zip(past, lengths, strict=True)])
         token_slots = torch.cat([torch.full((n,), s, dtype=torch.long) for s, n in zip(slots, lengths, strict=True)])
+        # A prompt after a cached prefix: its token at p + j sees the slot's positions 0..p + j.
+        masks = [
+            torch.arange(p + n)[None, :] <= torch.arange(p, p + n)[:, None] if p else None
+            for p, n in zip(past, lengths, strict=True)
+        ]
         segments: list[Segment] = []
         for i, lora in enumerate(loras):
             if segments and segments[-1].lora is lora:
@@ -336,13 +350,19 @@ class LlamaRunner:
             self.kv[layer, 0][token_slots, :, positions] = k
             self.kv[layer, 1][token_slots, :, positions] = v
             out = torch.empty(q.shape[0], width, dtype=q.dtype)
-            for a, b in itertools.pairwise(starts):
+            for i, (a, b) in enumerate(itertools.pairwise(starts)):
+                if masks[i] is None:
+                    keys, values = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)  # (KV, T, D)
+                else:
+                    keys = self.kv[layer, 0, slots[i], :, : past[i] + b - a]  # (KV, p + T, D)
+                    values = self.kv[layer, 1, slots[i], :, : past[i] + b - a]
                 out[a:b] = (
                     F.scaled_dot_product_attention(
                         q[a:b].transpose(0, 1)[None],
-                        k[a:b].transpose(0, 1)[None],
-                        v[a:b].transpose(0, 1)[None],
-                        is_causal=True,
+                        keys[None],
+                        values[None],
+                        attn_mask=masks[i],
+                        is_causal=masks[i] is None,
                         enable_gqa=self.heads != self.kv_heads,
                     )[0]
                     .transpose(0, 1)
@@ -352,6 +372,22 @@ class LlamaRunner:
 
         h = self._layers(self._embed(ids), self.cos[positions], self.sin[positions], _PerSegment(segments), attend)
         return linear(h[torch.tensor(starts[1:]) - 1], self.lm_head)
+
+    @torch.inference_mode()
+    def read_prefix(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """A copy of ``slot``'s keys and values at positions ``start..end-1``: (layers, 2, kv_heads, end-start, D)."""
+        return self.kv[:, :, slot, :, start:end].clone()
+
+    @torch.inference_mode()
+    def write_prefix(self, slot: int, blocks: Sequence[torch.Tensor]) -> int:
+        """Put ``blocks`` (from ``read_prefix``, in order) at ``slot``'s first positions; returns their length."""
+        length = sum(b.shape[3] for b in blocks)
+        self.reserve(length)
+        start = 0
+        for block in blocks:
+            self.kv[:, :, slot, :, start : start + block.shape[3]] = block
+            start += block.shape[3]
+        return length
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], positions: Sequence[int], segments: Sequence[Segment]) -> torch.Tensor:

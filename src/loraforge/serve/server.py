@@ -26,6 +26,7 @@ from loraforge.serve.engine import LocalEngine
 from loraforge.serve.keys import KeyStore
 from loraforge.serve.limits import Limits, RateLimiter
 from loraforge.serve.metrics import Metrics
+from loraforge.serve.prefix_cache import PrefixCache
 from loraforge.serve.runner import LlamaRunner
 from loraforge.serve.service import InferenceService
 from loraforge.serve.usage import UsageLedger
@@ -95,6 +96,7 @@ def build_server(config: ServeConfig, home: Path) -> Server:
         max_queue_wait_s=config.max_queue_wait_s,
         stop_tokens=[int(t) for t in stop_tokens if isinstance(t, int)],
         observer=metrics,
+        prefix_cache=PrefixCache(config.prefix_cache_mb * 2**20) if config.prefix_cache_mb else None,
     )
     if config.max_context_tokens:
         engine.context_length = min(engine.context_length, config.max_context_tokens)

@@ -115,6 +115,16 @@ class Call:
     completion_tokens: int = 0
 
 
+def cache_scope(tenant: str, adapter: Registration | None) -> str:
+    """Who may reuse whose cached prompt prefixes: one tenant, one adapter's weights (or the base).
+
+    Keys and values depend on the adapter's weights, so its checksum is in the scope (a name can be
+    registered again with other weights); the tenant is, so that no tenant's time to first token
+    can tell whether another tenant sent a prompt.
+    """
+    return f"{tenant}\x00{adapter.weights_sha256 if adapter else 'base'}"
+
+
 class InferenceService:
     def __init__(
         self,
@@ -263,6 +273,7 @@ class InferenceService:
                     adapter=call.adapter.registration.name if call.adapter else None,
                     lora=call.adapter.lora if call.adapter else None,
                     n=n,
+                    cache_scope=cache_scope(call.key.tenant, call.adapter.registration if call.adapter else None),
                 )
                 gens.append(self.engine.submit(request))
         except ValueError as e:  # more choices than the engine's batch can hold

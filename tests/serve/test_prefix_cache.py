@@ -1,0 +1,122 @@
+"""Prompt-prefix reuse: the same logits and tokens as a full prefill, scopes kept apart, LRU by bytes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraforge.models.sources import sha256_file
+from loraforge.serve.adapters import Registration, load_lora
+from loraforge.serve.engine import GenerationRequest, LocalEngine, SamplingParams
+from loraforge.serve.prefix_cache import PrefixCache
+from loraforge.serve.service import cache_scope
+
+from .test_engine import _FakeTokenizer, _generate, _runner
+
+
+def _kv(tokens: int, value: float = 0.0) -> torch.Tensor:
+    return torch.full((2, 2, 1, tokens, 4), float(value))  # (layers, 2, kv_heads, tokens, head_dim)
+
+
+def test_prefill_after_a_cached_prefix_equals_a_full_prefill(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    runner = _runner(tiny_model_dir)
+    lora = load_lora(adapter_dirs["a1"], sha256_file(adapter_dirs["a1"] / "adapter_model.safetensors"), runner)
+    rng = random.Random(0)
+    long, other = [rng.randrange(100, 40000) for _ in range(150)], [rng.randrange(100, 40000) for _ in range(20)]
+    full = runner.prefill_many([0, 1], [long, other], [lora, None])
+    expected_kv = runner.kv[:, :, 0, :, :150].clone()
+    blocks = [runner.read_prefix(0, 0, 64), runner.read_prefix(0, 64, 128)]
+    assert runner.write_prefix(2, blocks) == 128
+    # One call with a cached prompt (128 positions already in slot 2) beside a fresh one.
+    again = runner.prefill_many([2, 3], [long[128:], other], [lora, None], past=[128, 0])
+    assert (again - full).abs().max() < 1e-4
+    assert (runner.kv[:, :, 2, :, :150] - expected_kv).abs().max() < 1e-4
+
+
+def test_lookup_leaves_the_last_token_and_follows_the_whole_prefix() -> None:
+    cache = PrefixCache(capacity_bytes=10**6, block=4)
+    prompt = list(range(10))
+    reads: list[tuple[int, int]] = []
+
+    def read(a: int, b: int) -> torch.Tensor:
+        reads.append((a, b))
+        return _kv(b - a, a)
+
+    cache.insert("t\x00base", prompt, 0, read)
+    assert reads == [(0, 4), (4, 8)]  # whole blocks only
+    got = cache.lookup("t\x00base", prompt)
+    assert [int(b[0, 0, 0, 0, 0]) for b in got] == [0, 4]
+    assert len(cache.lookup("t\x00base", prompt[:8])) == 1  # its 8th token must be prefilled
+    assert cache.lookup("t\x00base", [99, *prompt[1:]]) == []  # the same later block after another start
+    assert cache.lookup("u\x00base", prompt) == []  # another scope
+    stats = cache.stats()
+    assert stats.blocks == 2 and stats.hit_tokens == 12 and stats.bytes == 2 * _kv(4).nbytes
+    cache.insert("t\x00base", [*prompt, 10, 11], 8, read)  # only the block past the cached part is read
+    assert reads[2:] == [(8, 12)]
+
+
+def test_eviction_takes_a_prefix_tail_first_and_respects_the_budget() -> None:
+    block_bytes = _kv(4).nbytes
+    cache = PrefixCache(capacity_bytes=3 * block_bytes, block=4)
+    a, b = list(range(100, 113)), list(range(200, 213))
+    cache.insert("s", a, 0, lambda i, j: _kv(j - i))  # 3 blocks: full
+    cache.insert("s", b, 0, lambda i, j: _kv(j - i))  # 3 more: a's blocks go
+    assert cache.stats().bytes <= 3 * block_bytes
+    assert len(cache.lookup("s", b)) == 3 and cache.lookup("s", a) == []
+    cache.insert("s", a[:9], 0, lambda i, j: _kv(j - i))  # 2 blocks of a: b loses its tail, not its head
+    assert len(cache.lookup("s", b)) == 1 and len(cache.lookup("s", a)) == 2
+    off = PrefixCache(capacity_bytes=0, block=4)
+    off.insert("s", a, 0, lambda i, j: _kv(j - i))
+    assert off.lookup("s", a) == [] and off.stats().bytes == 0
+
+
+def test_engine_reuses_a_prefix_with_the_same_tokens_and_keeps_scopes_apart(tiny_model_dir: Path) -> None:
+    rng = random.Random(1)
+    system = [rng.randrange(100, 40000) for _ in range(140)]
+    prompts = [system + [rng.randrange(100, 40000) for _ in range(rng.randrange(3, 9))] for _ in range(4)]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    plain = LocalEngine(_runner(tiny_model_dir), tokenizer=_FakeTokenizer(), model_id="tiny")
+    try:
+        expected = [_generate(plain, [GenerationRequest(f"r{i}", p, params)], 0)[0] for i, p in enumerate(prompts)]
+    finally:
+        plain.close()
+    cache = PrefixCache(capacity_bytes=64 * 2**20)
+    engine = LocalEngine(_runner(tiny_model_dir), tokenizer=_FakeTokenizer(), model_id="tiny", prefix_cache=cache)
+    try:
+        first = _generate(engine, [GenerationRequest("a", prompts[0], params, cache_scope="acme")], 0)
+        assert engine.stats()["prefix_cache_hit_tokens"] == 0
+        rest = _generate(
+            engine, [GenerationRequest(f"b{i}", p, params, cache_scope="acme") for i, p in enumerate(prompts[1:])], 0.01
+        )
+        assert engine.stats()["prefix_cache_hit_tokens"] == 3 * 128  # two blocks of the system prompt each
+        other = _generate(engine, [GenerationRequest("c", prompts[1], params, cache_scope="globex")], 0)
+        assert engine.stats()["prefix_cache_hit_tokens"] == 3 * 128  # another tenant starts cold
+        unscoped = _generate(engine, [GenerationRequest("d", prompts[2], params)], 0)
+        assert engine.stats()["prefix_cache_hit_tokens"] == 3 * 128
+    finally:
+        engine.close()
+    assert first + rest == expected
+    assert other[0] == expected[1] and unscoped[0] == expected[2]
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (("acme", None), ("globex", None)),  # tenants
+        (("acme", "1" * 64), ("acme", None)),  # an adapter and the base
+        (("acme", "1" * 64), ("acme", "2" * 64)),  # one name registered again with other weights
+    ],
+)
+def test_cache_scopes_differ(a: tuple[str, str | None], b: tuple[str, str | None]) -> None:
+    def reg(weights: str | None) -> Registration | None:
+        if weights is None:
+            return None
+        return Registration("bot", None, "m", "0" * 64, weights, 0.0, "/x")
+
+    assert cache_scope(a[0], reg(a[1])) != cache_scope(b[0], reg(b[1]))
+    assert cache_scope(a[0], reg(a[1])) == cache_scope(a[0], reg(a[1]))
