@@ -15,6 +15,8 @@ The mixed batch against the base batch, and loraforge with adapters against the 
 each measured twice, alternated, keeping the best of each: the shared machine's slow spells then
 hit neither side of a ratio alone.
 Latency: 64 concurrent streaming clients (32 tokens each): p50/p99 latency and time to first token.
+Prefix cache: time to first token with a ~1,000-token system prompt, its first request against a
+later one with the same system prompt (median over three system prompts).
 The server runs with ``--weight-format`` (default ``auto``: fp16 weights where fbgemm works); a
 second server with float32 weights (``onednn``) measures batch-1 decode again, for reference.
 
@@ -62,8 +64,19 @@ def _cache() -> Path:
     return model_cache_dir()
 
 
-def _messages(i: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+def _messages(i: int, system: str | None = None) -> list[dict[str, str]]:
+    user = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+    return [{"role": "system", "content": system}, *user] if system else user
+
+
+def _system_prompt(version: int) -> str:
+    """A support policy of about 1,000 tokens; each version differs from its first words."""
+    clauses = [
+        f"Clause {n}: orders of category {n % 7} may be returned within {14 + n % 3 * 7} days if unused, "
+        f"with the receipt; refunds go to the original payment method within {3 + n % 5} working days."
+        for n in range(1, 31)
+    ]
+    return f"Support policy, version {version}. Answer from this policy only.\n" + "\n".join(clauses)
 
 
 def make_adapters(root: Path) -> tuple[list[Path], Any]:
@@ -201,10 +214,12 @@ def start_server(home: Path, dirs: list[Path], weight_format: str) -> tuple[subp
     raise RuntimeError(f"the server did not start; see {home / 'server.log'}")
 
 
-async def _one(http: Any, url: str, key: str, model: str, i: int, tokens: int, stream: bool) -> dict[str, float]:
+async def _one(
+    http: Any, url: str, key: str, model: str, i: int, tokens: int, stream: bool, system: str | None = None
+) -> dict[str, float]:
     body = {
         "model": model,
-        "messages": _messages(i),
+        "messages": _messages(i, system),
         "max_tokens": tokens,
         "min_tokens": tokens,
         "temperature": 0,
@@ -252,6 +267,25 @@ def batch1_ms_per_token(url: str, key: str, base_id: str) -> float:
     return (total - first) / 128 * 1000
 
 
+def prefix_runs(url: str, key: str, model: str) -> dict[str, float]:
+    """Time to first token with a ~1,000-token system prompt: its first request (prefilled whole)
+    against a later one with the same system prompt and another question (its prefix reused)."""
+    import httpx
+
+    async def ttft(i: int, system: str) -> float:
+        async with httpx.AsyncClient(timeout=600) as http:
+            return (await _one(http, url, key, model, i, 1, True, system))["ttft"]
+
+    cold, warm = [], []
+    for version in range(REPEATS + 1):
+        system = _system_prompt(version)
+        cold.append(asyncio.run(ttft(0, system)))
+        warm.append(asyncio.run(ttft(1 + version, system)))
+    out = {"cold_ttft_s": statistics.median(cold), "warm_ttft_s": statistics.median(warm)}
+    print(f"    1k-token system prompt, TTFT first / repeated: {out['cold_ttft_s']:.2f} / {out['warm_ttft_s']:.2f} s")
+    return out
+
+
 def loraforge_runs(url: str, key: str, base_id: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     asyncio.run(_load(url, key, ["adapter0", base_id], 4))  # warm-up, adapters loaded
@@ -282,6 +316,7 @@ def loraforge_runs(url: str, key: str, base_id: str) -> dict[str, Any]:
         "tok_s": sum(r["tokens"] for r in res) / wall,
     }
     print(f"    64 clients: {json.dumps(out['latency'])}", flush=True)
+    out["prefix"] = prefix_runs(url, key, "adapter0")
     return out
 
 
@@ -329,6 +364,8 @@ def main() -> None:
         "p99_latency_s": ours["latency"]["p99_latency_s"],
         "p50_ttft_s": ours["latency"]["p50_ttft_s"],
         "p99_ttft_s": ours["latency"]["p99_ttft_s"],
+        "system_prompt_ttft_s": ours["prefix"],
+        "prefix_cache_speedup": ours["prefix"]["cold_ttft_s"] / ours["prefix"]["warm_ttft_s"],
         "tok_s": {
             "peft_sequential": peft["sequential_tok_s"],
             "peft_mixed": peft["mixed_tok_s"],
@@ -368,6 +405,11 @@ def main() -> None:
         f"| 64 clients: p50 / p99 latency (s) | | {summary['p50_latency_s']:.2f} / {summary['p99_latency_s']:.2f} | |"
     )
     print(f"| 64 clients: p50 / p99 TTFT (s) | | {summary['p50_ttft_s']:.2f} / {summary['p99_ttft_s']:.2f} | |")
+    pre = summary["system_prompt_ttft_s"]
+    print(
+        f"| 1k-token system prompt: TTFT first / repeated (s) | | {pre['cold_ttft_s']:.2f} / {pre['warm_ttft_s']:.2f}"
+        f" | {summary['prefix_cache_speedup']:.2f}x |"
+    )
     print(json.dumps(summary))
 
 

@@ -165,3 +165,18 @@ def test_text_stream_finds_a_stop_string_split_across_tokens(tokenizer) -> None:
         if stopped:
             break
     assert stopped and "".join(sent) == "The answer is 42. "
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("weight_format", "int4", "weight_format must be one of auto, fp16, onednn, row-major, got 'int4'"),
+        ("prefix_cache_mb", -1, "prefix_cache_mb must be >= 0, got -1"),
+        ("max_batch_size", 0, "max_batch_size must be >= 1, got 0"),
+    ],
+)
+def test_serve_config_names_the_bad_value(field: str, value: object, message: str) -> None:
+    from loraforge.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig(**{field: value})  # type: ignore[arg-type]
