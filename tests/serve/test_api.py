@@ -146,7 +146,7 @@ def test_a_shared_system_prompt_is_reused_within_a_tenant_only(server) -> None: 
     from openai import OpenAI
 
     def hits() -> int:
-        return int(httpx.get(server.url + "/ready").json()["prefix_cache_hit_tokens"])
+        return int(server.engine.stats()["prefix_cache_hit_tokens"])
 
     system = "You answer questions about bicycles, returns and warranties. " * 24  # > 2 blocks of 64
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "Can I return a bike?"}]
@@ -167,3 +167,4 @@ def test_a_shared_system_prompt_is_reused_within_a_tenant_only(server) -> None: 
     assert hits() - before == reused  # nothing of tenant a's was reused for tenant b
     metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {server.keys['admin']}"}).text
     assert "loraforge_prefix_cache_hit_ratio" in metrics and "loraforge_prefix_cache_bytes" in metrics
+    assert not any(k.startswith("prefix_cache") for k in httpx.get(server.url + "/ready").json())  # no key there

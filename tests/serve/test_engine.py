@@ -325,3 +325,31 @@ def test_bf16_storage_runs_and_stays_close(tiny_model_dir: Path) -> None:
     a, b = fp32.prefill(0, tokens, None), bf16.prefill(0, tokens, None)
     assert b.dtype == torch.bfloat16 and bf16.kv.dtype == torch.bfloat16
     assert (a - b.float()).abs().max() < 0.1 * a.abs().max()
+
+
+def test_min_tokens_masks_the_stop_token_for_every_choice(tiny_model_dir: Path) -> None:
+    """The end-of-turn mask is written into a step's logits in place: one choice (the prompt's own
+    logits) and two choices (an expanded view, copied first) must pick the same tokens."""
+    prompt = [5, 6, 7, 8, 9]
+    probe = LocalEngine(_runner(tiny_model_dir), tokenizer=_FakeTokenizer(), model_id="tiny")
+    try:
+        first = _generate(probe, [GenerationRequest("p", prompt, SamplingParams(max_tokens=1, temperature=0))], 0)[0]
+    finally:
+        probe.close()
+    engine = LocalEngine(_runner(tiny_model_dir), tokenizer=_FakeTokenizer(), model_id="tiny", stop_tokens=first)
+
+    async def choices(n: int) -> dict[int, list[int]]:
+        params = SamplingParams(max_tokens=4, min_tokens=3, temperature=0, logprobs=1)
+        out: dict[int, list[int]] = {}
+        async for event in engine.submit(GenerationRequest("r", prompt, params, n=n)).events():
+            if isinstance(event, TokenEvent):
+                assert event.logprob is not None and event.logprob > float("-inf")
+                out.setdefault(event.index, []).append(event.token)
+        return out
+
+    try:
+        one, two = asyncio.run(choices(1)), asyncio.run(choices(2))
+    finally:
+        engine.close()
+    assert len(one[0]) >= 3 and first[0] not in one[0][:3]
+    assert two[0] == two[1] == one[0]

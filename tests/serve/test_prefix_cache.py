@@ -47,7 +47,7 @@ def test_lookup_leaves_the_last_token_and_follows_the_whole_prefix() -> None:
         reads.append((a, b))
         return _kv(b - a, a)
 
-    cache.insert("t\x00base", prompt, 0, read)
+    cache.insert("t\x00base", prompt, read)
     assert reads == [(0, 4), (4, 8)]  # whole blocks only
     got = cache.lookup("t\x00base", prompt)
     assert [int(b[0, 0, 0, 0, 0]) for b in got] == [0, 4]
@@ -56,7 +56,7 @@ def test_lookup_leaves_the_last_token_and_follows_the_whole_prefix() -> None:
     assert cache.lookup("u\x00base", prompt) == []  # another scope
     stats = cache.stats()
     assert stats.blocks == 2 and stats.hit_tokens == 12 and stats.bytes == 2 * _kv(4).nbytes
-    cache.insert("t\x00base", [*prompt, 10, 11], 8, read)  # only the block past the cached part is read
+    cache.insert("t\x00base", [*prompt, 10, 11], read)  # only the block not cached yet is read
     assert reads[2:] == [(8, 12)]
 
 
@@ -64,15 +64,34 @@ def test_eviction_takes_a_prefix_tail_first_and_respects_the_budget() -> None:
     block_bytes = _kv(4).nbytes
     cache = PrefixCache(capacity_bytes=3 * block_bytes, block=4)
     a, b = list(range(100, 113)), list(range(200, 213))
-    cache.insert("s", a, 0, lambda i, j: _kv(j - i))  # 3 blocks: full
-    cache.insert("s", b, 0, lambda i, j: _kv(j - i))  # 3 more: a's blocks go
+    cache.insert("s", a, lambda i, j: _kv(j - i))  # 3 blocks: full
+    cache.insert("s", b, lambda i, j: _kv(j - i))  # 3 more: a's blocks go
     assert cache.stats().bytes <= 3 * block_bytes
     assert len(cache.lookup("s", b)) == 3 and cache.lookup("s", a) == []
-    cache.insert("s", a[:9], 0, lambda i, j: _kv(j - i))  # 2 blocks of a: b loses its tail, not its head
+    cache.insert("s", a[:9], lambda i, j: _kv(j - i))  # 2 blocks of a: b loses its tail, not its head
     assert len(cache.lookup("s", b)) == 1 and len(cache.lookup("s", a)) == 2
     off = PrefixCache(capacity_bytes=0, block=4)
-    off.insert("s", a, 0, lambda i, j: _kv(j - i))
+    off.insert("s", a, lambda i, j: _kv(j - i))
     assert off.lookup("s", a) == [] and off.stats().bytes == 0
+
+
+def test_a_prompt_longer_than_the_budget_keeps_its_head() -> None:
+    block_bytes = _kv(4).nbytes
+    cache = PrefixCache(capacity_bytes=3 * block_bytes, block=4)
+    other = list(range(500, 509))
+    cache.insert("s", other, lambda i, j: _kv(j - i))  # 2 blocks of someone else
+    long = list(range(100, 121))  # 5 whole blocks
+    reads: list[int] = []
+
+    def read(i: int, j: int) -> torch.Tensor:
+        reads.append(i)
+        return _kv(j - i)
+
+    cache.insert("s", long, read)
+    assert cache.stats().bytes <= 3 * block_bytes
+    assert len(cache.lookup("s", long)) == 3  # its first three blocks, not its last three
+    assert cache.lookup("s", other) == []  # the older prefix made room
+    assert reads == [0, 4, 8, 12]  # the fourth block found no room that was not its own, and stopped
 
 
 def test_engine_reuses_a_prefix_with_the_same_tokens_and_keeps_scopes_apart(tiny_model_dir: Path) -> None:
@@ -104,19 +123,66 @@ def test_engine_reuses_a_prefix_with_the_same_tokens_and_keeps_scopes_apart(tiny
     assert other[0] == expected[1] and unscoped[0] == expected[2]
 
 
+def test_a_row_that_finishes_at_once_does_not_change_what_is_cached(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    """One admission: A (base, one token) finishes on its first token, which moves B's and C's
+    rows to other slots; B's prompt must still be cached from B's own keys and values."""
+    import threading
+
+    rng = random.Random(2)
+    system = [rng.randrange(100, 40000) for _ in range(140)]
+    prompt_b, prompt_d = [*system, 11, 12, 13], [*system, 21, 22]
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    cold = LocalEngine(_runner(tiny_model_dir), tokenizer=_FakeTokenizer(), model_id="tiny")
+    try:
+        expected_d = _generate(cold, [GenerationRequest("d", prompt_d, greedy)], 0)[0]
+    finally:
+        cold.close()
+    runner = _runner(tiny_model_dir)
+    lora = load_lora(adapter_dirs["a1"], sha256_file(adapter_dirs["a1"] / "adapter_model.safetensors"), runner)
+    engine = LocalEngine(runner, tokenizer=_FakeTokenizer(), model_id="tiny", prefix_cache=PrefixCache(2**26))
+    try:
+        release, holding = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            holding.set()
+            release.wait(10)
+
+        blocker = threading.Thread(target=lambda: engine.call(hold))
+        blocker.start()
+        assert holding.wait(10)  # the engine is inside the call: the next three are admitted together
+        batch = [
+            GenerationRequest("a", [5, 6, 7], SamplingParams(max_tokens=1, temperature=0), cache_scope="t"),
+            GenerationRequest("b", prompt_b, greedy, cache_scope="t"),
+            GenerationRequest(
+                "c", [rng.randrange(100, 40000) for _ in range(150)], greedy, "a1", lora, cache_scope="u"
+            ),
+        ]
+        threading.Timer(0.3, release.set).start()
+        _generate(engine, batch, 0)
+        blocker.join(10)
+        d = _generate(engine, [GenerationRequest("d", prompt_d, greedy, cache_scope="t")], 0)[0]
+        assert engine.stats()["prefix_cache_hit_tokens"] == 128
+    finally:
+        engine.close()
+    assert d == expected_d
+
+
+def _registration(name: str, weights: str, added_at: float) -> Registration:
+    return Registration(name, None, "m", "0" * 64, weights, added_at, "/x")
+
+
 @pytest.mark.parametrize(
     ("a", "b"),
     [
         (("acme", None), ("globex", None)),  # tenants
-        (("acme", "1" * 64), ("acme", None)),  # an adapter and the base
-        (("acme", "1" * 64), ("acme", "2" * 64)),  # one name registered again with other weights
+        (("acme", _registration("bot", "1" * 64, 1.0)), ("acme", None)),  # an adapter and the base
+        (("acme", _registration("bot", "1" * 64, 1.0)), ("acme", _registration("bot", "2" * 64, 2.0))),  # new weights
+        (("acme", _registration("bot", "1" * 64, 1.0)), ("acme", _registration("bot", "1" * 64, 2.0))),  # new config
+        (("acme", _registration("bot", "1" * 64, 1.0)), ("acme", _registration("bot2", "1" * 64, 1.0))),
     ],
 )
-def test_cache_scopes_differ(a: tuple[str, str | None], b: tuple[str, str | None]) -> None:
-    def reg(weights: str | None) -> Registration | None:
-        if weights is None:
-            return None
-        return Registration("bot", None, "m", "0" * 64, weights, 0.0, "/x")
-
-    assert cache_scope(a[0], reg(a[1])) != cache_scope(b[0], reg(b[1]))
-    assert cache_scope(a[0], reg(a[1])) == cache_scope(a[0], reg(a[1]))
+def test_cache_scopes_differ(a: tuple[str, Registration | None], b: tuple[str, Registration | None]) -> None:
+    assert cache_scope(*a) != cache_scope(*b)
+    assert cache_scope(*a) == cache_scope(*a)

@@ -180,7 +180,13 @@ def create_app(
     async def ready() -> dict[str, Any]:
         if not service.engine.alive():
             raise APIError(503, "the inference engine is not running", code="engine_down", retry_after=5)
-        return {"status": "ready", "model": service.engine.model_id, **service.engine.stats()}
+        stats = service.engine.stats()  # only the load: the prefix cache's figures are for /metrics (admins)
+        return {
+            "status": "ready",
+            "model": service.engine.model_id,
+            "queue_depth": stats["queue_depth"],
+            "batch_size": stats["batch_size"],
+        }
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:

@@ -435,10 +435,12 @@ class LocalEngine:
                 [g.request.lora for g, _ in plain],
                 past,
             )
-            for i, ((gen, mine), scope) in enumerate(zip(plain, scopes, strict=True)):
+            # Cache the prompts' blocks before any row starts: a row that finishes on its first
+            # token is removed, and that moves later rows (their KV) to other slots.
+            for i, ((gen, _), scope) in enumerate(zip(plain, scopes, strict=True)):
                 if cache is not None and scope is not None:
-                    read = functools.partial(self.runner.read_prefix, slots[i])
-                    cache.insert(scope, gen.request.prompt, past[i], read)
+                    cache.insert(scope, gen.request.prompt, functools.partial(self.runner.read_prefix, slots[i]))
+            for i, (gen, mine) in enumerate(plain):
                 self._start_rows(gen, mine, last[i : i + 1])
 
     def _start_rows(self, gen: Generation, rows: list[_Row], logits: torch.Tensor) -> None:

@@ -80,28 +80,36 @@ class PrefixCache:
         self._stats.hit_tokens += len(found) * self.block
         return [kv for _, kv in found]
 
-    def insert(self, scope: str, prompt: Sequence[int], cached: int, read: Callable[[int, int], torch.Tensor]) -> None:
-        """Keep ``prompt``'s whole blocks past its first ``cached`` tokens (which came from here).
+    def insert(self, scope: str, prompt: Sequence[int], read: Callable[[int, int], torch.Tensor]) -> None:
+        """Keep ``prompt``'s whole blocks that are not cached yet (its slot holds all of them).
 
         ``read(start, end)`` returns the keys and values of positions ``start..end-1`` (a copy).
+        Room is made before each block is added, least recently used first, but never by evicting
+        this prompt's own blocks: a prompt longer than the budget keeps its head, which is what
+        later requests share.
         """
         if self.capacity == 0:
             return
-        whole = len(prompt) // self.block
-        keys = [(scope, d) for d in self._digests(prompt, whole)]
-        for i in range(cached // self.block, whole):
-            if keys[i] not in self._blocks:
+        keys = [(scope, d) for d in self._digests(prompt, len(prompt) // self.block)]
+        mine = set(keys)
+        try:
+            for i, key in enumerate(keys):
+                if key in self._blocks:
+                    continue
                 kv = read(i * self.block, (i + 1) * self.block)
                 if kv.nbytes > self.capacity:
                     return
-                self._blocks[keys[i]] = kv
+                while self._stats.bytes + kv.nbytes > self.capacity:
+                    oldest = next(iter(self._blocks))
+                    if oldest in mine:
+                        return
+                    self._stats.bytes -= self._blocks.pop(oldest).nbytes
+                self._blocks[key] = kv
                 self._stats.bytes += kv.nbytes
-        for key in reversed(keys):
-            if key in self._blocks:
-                self._blocks.move_to_end(key)
-        while self._stats.bytes > self.capacity:
-            _, evicted = self._blocks.popitem(last=False)
-            self._stats.bytes -= evicted.nbytes
+        finally:
+            for key in reversed(keys):
+                if key in self._blocks:
+                    self._blocks.move_to_end(key)
 
     def clear(self) -> None:
         self._blocks.clear()

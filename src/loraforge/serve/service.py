@@ -116,13 +116,16 @@ class Call:
 
 
 def cache_scope(tenant: str, adapter: Registration | None) -> str:
-    """Who may reuse whose cached prompt prefixes: one tenant, one adapter's weights (or the base).
+    """Who may reuse whose cached prompt prefixes: one tenant, one registration of an adapter (or the base).
 
-    Keys and values depend on the adapter's weights, so its checksum is in the scope (a name can be
-    registered again with other weights); the tenant is, so that no tenant's time to first token
-    can tell whether another tenant sent a prompt.
+    Keys and values depend on the adapter's weights and on its config (the LoRA scale), so the
+    scope names the registration: its name, weights checksum and time of registration (a name
+    registered again, with other weights or another config, starts a new scope). The tenant is in
+    it so that no tenant's time to first token can tell whether another tenant sent a prompt.
     """
-    return f"{tenant}\x00{adapter.weights_sha256 if adapter else 'base'}"
+    if adapter is None:
+        return f"{tenant}\x00base"
+    return f"{tenant}\x00{adapter.name}\x00{adapter.weights_sha256}\x00{adapter.added_at!r}"
 
 
 class InferenceService:
