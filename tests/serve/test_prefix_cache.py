@@ -186,3 +186,38 @@ def _registration(name: str, weights: str, added_at: float) -> Registration:
 def test_cache_scopes_differ(a: tuple[str, Registration | None], b: tuple[str, Registration | None]) -> None:
     assert cache_scope(*a) != cache_scope(*b)
     assert cache_scope(*a) == cache_scope(*a)
+
+
+def test_many_requests_sharing_prefixes_get_the_tokens_of_a_cold_run(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    """Three system prompts, two tenants, the base and two adapters, rows joining and leaving
+    (some after one token): with the cache every request gets exactly its cold, alone tokens."""
+    runner = _runner(tiny_model_dir, slots=6)
+    loras = {
+        name: load_lora(adapter_dirs[name], sha256_file(adapter_dirs[name] / "adapter_model.safetensors"), runner)
+        for name in ("a1", "a2")
+    }
+    rng = random.Random(3)
+    systems = [[rng.randrange(100, 40000) for _ in range(rng.randrange(64, 200))] for _ in range(3)]
+    requests = []
+    for i in range(18):
+        adapter = [None, "a1", "a2"][i % 3]
+        prompt = systems[rng.randrange(3)] + [rng.randrange(100, 40000) for _ in range(rng.randrange(1, 6))]
+        params = SamplingParams(max_tokens=rng.choice([1, 2, 5, 9]), temperature=0)
+        lora = loras[adapter] if adapter else None
+        scope = f"{['t', 'u'][i % 2]}/{adapter}"
+        requests.append(GenerationRequest(f"r{i}", prompt, params, adapter, lora, cache_scope=scope))
+    cold = LocalEngine(runner, tokenizer=_FakeTokenizer(), model_id="tiny")
+    try:
+        alone = [_generate(cold, [r], 0)[0] for r in requests]
+    finally:
+        cold.close()
+    engine = LocalEngine(runner, tokenizer=_FakeTokenizer(), model_id="tiny", prefix_cache=PrefixCache(2**26))
+    try:
+        together = _generate(engine, requests, stagger=0.005)
+        hits = engine.stats()["prefix_cache_hit_tokens"]
+    finally:
+        engine.close()
+    assert hits > 0
+    assert together == alone
