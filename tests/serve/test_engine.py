@@ -13,6 +13,7 @@ import torch
 from loraforge.models.sources import sha256_file
 from loraforge.serve.adapters import load_lora
 from loraforge.serve.engine import FinishEvent, GenerationRequest, LocalEngine, SamplingParams, TokenEvent
+from loraforge.serve.kernels import load_lora_kernel, native_lora_supported
 from loraforge.serve.runner import MKLDNN, LlamaRunner, Segment, format_available
 
 FORMATS = [
@@ -22,37 +23,43 @@ FORMATS = [
 ]
 
 
-def _runner(model_dir: Path, slots: int = 8, *, weight_format: str = "auto") -> LlamaRunner:
+NATIVE = pytest.mark.skipif(not native_lora_supported() or load_lora_kernel() is None, reason="no native kernel")
+KERNELS = ["torch", pytest.param("native", marks=NATIVE)]
+
+
+def _runner(model_dir: Path, slots: int = 8, *, weight_format: str = "auto", lora_kernel: str = "auto") -> LlamaRunner:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    return LlamaRunner(model, max_slots=slots, weight_format=weight_format)
+    return LlamaRunner(model, max_slots=slots, weight_format=weight_format, lora_kernel=lora_kernel)
 
 
+@pytest.mark.parametrize("lora_kernel", KERNELS)
 @pytest.mark.parametrize("weight_format", FORMATS)
 def test_runner_logits_match_peft_within_1e4(
-    tiny_model_dir: Path, adapter_dirs: dict[str, Path], weight_format: str
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], weight_format: str, lora_kernel: str
 ) -> None:
-    """Against PEFT on the weights the format stores: fp16 weights are compared with a PEFT model
-    whose base weights were rounded to fp16, so the products themselves must agree to 1e-4."""
+    """Against PEFT on the weights the runner stores: fp16 base weights (and, with the native
+    kernel, fp16 adapter weights) are compared with a PEFT model whose weights were rounded the
+    same way, so the products themselves must agree to 1e-4."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     adapter = adapter_dirs["a1"]
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapter))
     peft_model.eval()
-    if weight_format == "fp16":
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if p.dim() == 2 and "lora_" not in name:  # projections, embedding (and the tied head)
-                    p.copy_(p.half().float())
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            lora = "lora_" in name
+            if p.dim() == 2 and ((weight_format == "fp16" and not lora) or (lora_kernel == "native" and lora)):
+                p.copy_(p.half().float())  # base: projections, embedding (and the tied head)
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 2477, 30]])
     with torch.no_grad():
         expected = peft_model(ids).logits[0]
         with peft_model.disable_adapter():
             expected_base = peft_model(ids).logits[0]
-    runner = _runner(tiny_model_dir, weight_format=weight_format)
-    assert runner.weight_format == weight_format
+    runner = _runner(tiny_model_dir, weight_format=weight_format, lora_kernel=lora_kernel)
+    assert runner.weight_format == weight_format and (runner.kernel is not None) is (lora_kernel == "native")
     assert (getattr(runner.layers[0].gu, "layout", None) == MKLDNN) is (weight_format == "onednn")
     assert isinstance(runner.layers[0].gu, torch.Tensor) is (weight_format != "fp16")
     lora = load_lora(adapter, sha256_file(adapter / "adapter_model.safetensors"), runner)
@@ -235,6 +242,7 @@ class _FakeTokenizer:
         return "".join(f"<{i}>" for i in ids)
 
 
+@pytest.mark.parametrize("lora_kernel", KERNELS)
 @pytest.mark.parametrize(
     "layout",
     [
@@ -243,16 +251,23 @@ class _FakeTokenizer:
         [("a1", 2), ("qv", 2), ("up", 2)],  # parts missing in some adapters, other ranks
         [("qv", 2), ("up", 2)],  # no adapter has k or gate: parts do not tile the output
         [("qv", 1), (None, 1), ("up", 3)],  # the same, gathered
+        [("a1", 5), ("b1", 7), (None, 1), ("a2", 1)],  # segments longer than the kernel's 4-row blocks
     ],
 )
 def test_stacked_adapters_equal_per_segment(
-    tiny_model_dir: Path, adapter_dirs: dict[str, Path], layout: list[tuple[str | None, int]], tmp_path: Path
+    tiny_model_dir: Path,
+    adapter_dirs: dict[str, Path],
+    layout: list[tuple[str | None, int]],
+    tmp_path: Path,
+    lora_kernel: str,
 ) -> None:
-    from loraforge.serve.runner import _PerSegment, _Stacked
+    """All adapters of a step at once (PyTorch's stacked products, or the native kernel) equal
+    each segment's own two products."""
+    from loraforge.serve.runner import _Fused, _PerSegment, _Stacked
 
     from .conftest import make_adapter
 
-    runner = _runner(tiny_model_dir)
+    runner = _runner(tiny_model_dir, slots=16, lora_kernel=lora_kernel)
     dirs = {n: adapter_dirs[n] for n in ("a1", "a2", "b1")}
     dirs["qv"] = make_adapter(tiny_model_dir, tmp_path / "qv", seed=11, r=4, targets=["q_proj", "v_proj"])
     dirs["up"] = make_adapter(tiny_model_dir, tmp_path / "up", seed=12, r=6, targets=["up_proj", "o_proj"])
@@ -262,7 +277,10 @@ def test_stacked_adapters_equal_per_segment(
         segments.append(Segment(start, start + rows, loras[name] if name else None))
         start += rows
     plan = runner._lora_plan(segments)
-    assert isinstance(plan, _Stacked) and plan.view == (None not in [name for name, _ in layout])
+    if lora_kernel == "native":
+        assert isinstance(plan, _Fused)
+    else:
+        assert isinstance(plan, _Stacked) and plan.view == (None not in [name for name, _ in layout])
     qkv = (runner.heads + 2 * runner.kv_heads) * runner.head_dim
     widths = {"qkv": qkv, "o": runner.hidden, "gu": 2 * runner.intermediate}
     for group, width in widths.items():
@@ -298,6 +316,19 @@ def test_packed_formats_for_bf16_weights_are_refused_clearly(tiny_model_dir: Pat
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval()
     with pytest.raises(ModelError, match=f"the {weight_format} weight format needs float32.*torch.bfloat16"):
         LlamaRunner(model, max_slots=2, weight_format=weight_format)
+
+
+def test_native_lora_kernel_for_bf16_weights_is_refused_clearly(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.errors import ModelError
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval()
+    with pytest.raises(
+        ModelError, match=r"native LoRA kernel needs float32 model weights \(this runner has torch.bfloat16"
+    ):
+        LlamaRunner(model, max_slots=2, lora_kernel="native")
+    assert LlamaRunner(model, max_slots=2).kernel is None  # auto: PyTorch operations for bf16
 
 
 def test_unknown_weight_format_is_refused(tiny_model_dir: Path) -> None:

@@ -202,6 +202,9 @@ def build_lora(files: AdapterFiles, runner: Any) -> LoraLayers:
     }
     inputs = {"qkv": runner.hidden, "o": runner.heads * runner.head_dim, "gu": runner.hidden}
     inputs["down"] = sizes["gu"][0]
+    # The native kernel holds adapter weights in fp16: round them once here, so that prefill (fp32
+    # products) and decoding (the kernel) use the same values.
+    half_precision = getattr(runner, "kernel", None) is not None
     layers: LoraLayers = [{} for _ in runner.layers]
     for layer in range(len(runner.layers)):
         for group in GROUPS:
@@ -228,6 +231,8 @@ def build_lora(files: AdapterFiles, runner: Any) -> LoraLayers:
                 a_cols.append(a.t())
                 b_blocks.append((b.t() * scale, size))
             a_all = torch.cat(a_cols, dim=1).to(runner.dtype).contiguous()  # (in, R)
+            if half_precision:  # the values the native kernel multiplies with, for prefill too
+                a_all = a_all.half().to(runner.dtype)
             b_all = torch.zeros(a_all.shape[1], sum(sizes[group]), dtype=runner.dtype)
             row = col = 0
             spans = []
@@ -237,6 +242,8 @@ def build_lora(files: AdapterFiles, runner: Any) -> LoraLayers:
                     spans.append((row, row + block.shape[0], col, col + size))
                     row += block.shape[0]
                 col += size
+            if half_precision:
+                b_all = b_all.half().to(runner.dtype)
             layers[layer][group] = LoraGroup(a_all, b_all, tuple(spans))
     if len(runner.layers) <= max((layer for layer, _ in parts), default=-1):
         raise ModelError(f"{name} has weights for more layers than the served base model")

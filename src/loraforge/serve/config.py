@@ -9,7 +9,7 @@ from typing import Any
 from loraforge._config import read_config_file
 from loraforge.errors import ConfigError
 from loraforge.models.sources import DEFAULT_BASE_MODEL
-from loraforge.serve.runner import WEIGHT_FORMATS
+from loraforge.serve.runner import LORA_KERNELS, WEIGHT_FORMATS
 from loraforge.train.config import PRECISIONS
 
 
@@ -51,6 +51,10 @@ class ServeConfig:
     """How the engine holds fp32 base weights: "fp16" (half the bytes per decoded token, multiplied in
     fp32), "onednn" (fp32 in oneDNN's blocked layout) or "row-major"; "auto" takes the first that works
     here. bf16 weights are always row-major."""
+    lora_kernel: str = "auto"
+    """How decode steps apply adapters: "native" (one compiled call per projection for every adapter
+    of the step, adapter weights in fp16; built on first use with g++), "torch" (batched PyTorch
+    products, fp32), or "auto" (native where it builds, for fp32 models)."""
     prefix_cache_mb: int = 256
     """Memory for the keys and values of prompt prefixes seen before (0 = off). A request that starts
     like an earlier one of the same tenant and adapter (a shared system prompt) skips their prefill."""
@@ -78,6 +82,8 @@ class ServeConfig:
         for name in ("price_per_1k_prompt_tokens", "price_per_1k_completion_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lora_kernel not in LORA_KERNELS:
+            problems.append(f"lora_kernel must be one of {', '.join(LORA_KERNELS)}, got {self.lora_kernel!r}")
         if self.prefix_cache_mb < 0:
             problems.append(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         if self.max_context_tokens is not None and self.max_context_tokens < 2:

@@ -170,12 +170,15 @@ class LlamaRunner:
         model: a loaded ``*ForCausalLM`` of a supported architecture; its weights are taken over.
         max_slots: rows that can run at once (the max batch size).
         weight_format: one of ``WEIGHT_FORMATS`` (see the module's docstring).
+        lora_kernel: how decode steps apply adapters: ``native`` (one compiled call per projection
+            for all adapters, fp16 adapter weights; see ``kernels/lora_cpu.cpp``), ``torch``
+            (batched PyTorch products, fp32), or ``auto`` (native where it builds, for fp32 models).
 
     Raises:
-        ModelError: an unsupported architecture, or a weight format that cannot work here.
+        ModelError: an unsupported architecture, or a weight format or LoRA kernel that cannot work here.
     """
 
-    def __init__(self, model: Any, max_slots: int, *, weight_format: str = "auto") -> None:
+    def __init__(self, model: Any, max_slots: int, *, weight_format: str = "auto", lora_kernel: str = "auto") -> None:
         config = model.config
         if config.model_type not in SUPPORTED_ARCHITECTURES:
             raise ModelError(
@@ -195,6 +198,7 @@ class LlamaRunner:
         self.max_slots = max_slots
         self.dtype = next(model.parameters()).dtype
         self.weight_format = resolve_weight_format(weight_format, self.dtype)
+        self.kernel = _resolve_lora_kernel(lora_kernel, self.dtype)
         inner = model.model
         with torch.no_grad():
             self.embed: torch.Tensor = inner.embed_tokens.weight.detach()
@@ -239,7 +243,7 @@ class LlamaRunner:
         self.kv = torch.empty(0)
         # Stacked adapter weights per combination of adapters in a step (holding the adapters alive,
         # so their ids stay unique while cached).
-        self._stack_cache: OrderedDict[tuple[int, ...], tuple[list[LoraLayers], list[_Stack]]] = OrderedDict()
+        self._stack_cache: OrderedDict[tuple[int, ...], tuple[list[LoraLayers], list[Any]]] = OrderedDict()
 
     # -- the KV pool --------------------------------------------------------------------------
 
@@ -432,20 +436,24 @@ class LlamaRunner:
         """Embedding rows (N, hidden) in the activations' dtype."""
         return self.embed[ids].to(self.dtype)
 
-    def _lora_plan(self, segments: Sequence[Segment]) -> _PerSegment | _Stacked:
-        """How to apply the adapters of a step: per segment for one adapter, stacked for several."""
+    def _lora_plan(self, segments: Sequence[Segment]) -> _PerSegment | _Stacked | _Fused:
+        """How to apply the adapters of a step: the native kernel where there is one; else per
+        segment for one adapter, stacked for several."""
         with_lora = [s for s in segments if s.lora is not None]
-        if len(with_lora) < 2:
+        if not with_lora or (self.kernel is None and len(with_lora) < 2):
             return _PerSegment(with_lora)
         key = tuple(id(s.lora) for s in with_lora)
         entry = self._stack_cache.get(key)
         if entry is None:
             loras = [s.lora for s in with_lora if s.lora is not None]
-            entry = (loras, [_stack_layer(layer, loras) for layer in range(len(self.layers))])
+            stacks = [_stack_layer(layer, loras) for layer in range(len(self.layers))]
+            entry = (loras, [_fuse_layer(stack) for stack in stacks] if self.kernel is not None else stacks)
             self._stack_cache[key] = entry
             while len(self._stack_cache) > STACK_CACHE:
                 self._stack_cache.popitem(last=False)
         self._stack_cache.move_to_end(key)
+        if self.kernel is not None:
+            return _Fused(self.kernel, with_lora, entry[1])
         return _Stacked(with_lora, entry[1])
 
     def _layers(
@@ -453,7 +461,7 @@ class LlamaRunner:
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        delta: _PerSegment | _Stacked,
+        delta: _PerSegment | _Stacked | _Fused,
         attend: Any,
     ) -> torch.Tensor:
         # h (N, hidden): N = tokens of one prompt (prefill) or one token per row (decode).
@@ -563,6 +571,70 @@ class _Stacked:
         for (r0, r1), (c0, c1), b in g.parts:
             delta[:, :, c0:c1] = torch.bmm(h[:, :, r0:r1], b)
         out.index_add_(0, self.index, delta.view(self.rows * self.width, -1))
+
+
+@dataclass
+class _FusedGroup:
+    """One projection's adapters for the native kernel: ``a`` (S, R, in) fp16; ``b`` every part's
+    (S, ranks, width) fp16 block, flattened; ``parts`` (P, 5): first rank, ranks, first column,
+    width and offset in ``b`` of each part."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    parts: torch.Tensor
+
+
+def _fuse_layer(stack: _Stack) -> dict[str, _FusedGroup]:
+    """A layer's stacks (fp32, from ``_stack_layer``) in the native kernel's layout."""
+    out = {}
+    for group, g in stack.items():
+        blocks, rows, offset = [], [], 0
+        for (r0, r1), (c0, c1), b in g.parts:
+            blocks.append(b.half().reshape(-1))
+            rows.append([r0, r1 - r0, c0, c1 - c0, offset])
+            offset += blocks[-1].numel()
+        a = g.a.transpose(1, 2).half().contiguous()
+        out[group] = _FusedGroup(a, torch.cat(blocks), torch.tensor(rows, dtype=torch.long))
+    return out
+
+
+class _Fused:
+    """All adapters of a step through the native kernel: one call per projection, any segments."""
+
+    def __init__(self, kernel: Any, segments: list[Segment], stacks: list[dict[str, _FusedGroup]]) -> None:
+        self.kernel = kernel
+        self.stacks = stacks
+        self.segments = torch.tensor([[s.start, s.end, i] for i, s in enumerate(segments)], dtype=torch.long)
+
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
+        g = self.stacks[layer].get(group)
+        if g is not None:
+            self.kernel.lora_delta(out, x.contiguous(), g.a, g.b, g.parts, self.segments)
+
+
+LORA_KERNELS = ("auto", "native", "torch")
+
+
+def _resolve_lora_kernel(choice: str, dtype: torch.dtype) -> Any | None:
+    """The compiled kernel module for ``choice``, or ``None`` for PyTorch operations.
+
+    Raises:
+        ModelError: ``choice`` is unknown, or ``native`` where the kernel cannot work.
+    """
+    from loraforge.serve.kernels import load_lora_kernel, native_lora_supported
+
+    if choice not in LORA_KERNELS:
+        raise ModelError(f"lora kernel must be one of {', '.join(LORA_KERNELS)}, got {choice!r}")
+    if choice == "torch" or (choice == "auto" and (dtype != torch.float32 or not native_lora_supported())):
+        return None
+    kernel = load_lora_kernel() if dtype == torch.float32 else None
+    if kernel is None and choice == "native":
+        raise ModelError(
+            f"the native LoRA kernel needs float32 model weights (this runner has {dtype}) and an x86 CPU with"
+            f" AVX2 (this one: {torch.backends.cpu.get_cpu_capability()}), g++ and ninja to build it"
+            " (see the server log for the build error); use lora_kernel: torch"
+        )
+    return kernel
 
 
 def _stack_layer(layer: int, loras: list[LoraLayers]) -> _Stack:

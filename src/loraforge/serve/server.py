@@ -82,7 +82,9 @@ def build_server(config: ServeConfig, home: Path) -> Server:
         dtype = resolve_precision(config.precision, torch.device("cpu"))
         model = load_model(base, dtype=dtype)
         model.eval()  # type: ignore[no-untyped-call]
-        return LlamaRunner(model, max_slots=config.max_batch_size, weight_format=config.weight_format)
+        return LlamaRunner(
+            model, max_slots=config.max_batch_size, weight_format=config.weight_format, lora_kernel=config.lora_kernel
+        )
 
     metrics = Metrics()
     stop_tokens = {tokenizer.eos_token_id} | {
@@ -158,6 +160,7 @@ def run_server(config: ServeConfig, home: Path) -> None:
                 "base_sha256": server.base.sha256,
                 "precision": str(server.engine.runner.dtype).removeprefix("torch."),
                 "weight_format": server.engine.runner.weight_format,
+                "lora_kernel": "native" if server.engine.runner.kernel is not None else "torch",
                 "max_batch_size": config.max_batch_size,
                 "home": str(home),
                 "url": f"http://{config.host}:{config.port}/v1",

@@ -1,0 +1,92 @@
+"""Native CPU kernels of the serving engine, compiled on first use.
+
+``lora_cpu.cpp`` applies every adapter of a decode step to one projection in one call (see its
+header). It is compiled by PyTorch's ``cpp_extension`` (g++ and ninja, for x86 CPUs with AVX2, FMA
+and F16C) into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), once per version of the source: the first server start on a
+machine takes ~40 s longer. Where it cannot be built or fails its check against PyTorch's own
+operations, the engine says so in the log and uses those operations instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("loraforge.serve")
+SOURCE = Path(__file__).with_name("lora_cpu.cpp")
+# at::parallel_for is OpenMP inside PyTorch's headers. Linked with -fopenmp, the kernel asks for
+# libgomp.so.1, which PyTorch has already loaded: one OpenMP pool in the process, not two.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+_LOADED: dict[str, Any] = {}  # one build per process: "lora" → the module, or None if unavailable
+
+
+def native_lora_supported() -> bool:
+    """Whether this machine can run the kernel at all (x86-64 with AVX2; FMA and F16C come with it)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512")
+
+
+def load_lora_kernel() -> Any | None:
+    """The compiled module (with ``lora_delta``), or ``None`` where it cannot be built or is wrong."""
+    if "lora" in _LOADED:
+        return _LOADED["lora"]
+    module = None
+    if native_lora_supported():
+        try:
+            from torch.utils.cpp_extension import load
+
+            _put_ninja_on_path()
+            digest = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, torch.__version__)).encode()).hexdigest()
+            module = load(
+                name=f"loraforge_lora_{digest[:12]}",
+                sources=[str(SOURCE)],
+                extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+            if not _agrees(module):
+                log.warning("the native LoRA kernel disagrees with PyTorch here; using PyTorch operations")
+                module = None
+        except Exception as e:  # no compiler, no ninja, a build error: serve without it
+            log.warning("the native LoRA kernel could not be built (%s); using PyTorch operations", e)
+            module = None
+    _LOADED["lora"] = module
+    return module
+
+
+def _put_ninja_on_path() -> None:
+    """PyTorch runs ``ninja`` from PATH: the one of the ``ninja`` package when none is there."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # type: ignore[import-untyped]
+    except ImportError:
+        return
+    os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
+
+
+def _agrees(module: Any) -> bool:
+    """One random case (two adapters, two parts, a column tail) against a plain computation."""
+    g = torch.Generator().manual_seed(0)
+    n, fan_in, out_dim = 5, 40, 52
+    x = torch.randn(n, fan_in, generator=g)
+    a = torch.randn(2, 6, fan_in, generator=g).half()  # (S, R, in)
+    b_parts = [torch.randn(2, 4, 32, generator=g).half(), torch.randn(2, 2, 20, generator=g).half()]
+    parts = torch.tensor([[0, 4, 0, 32, 0], [4, 2, 32, 20, b_parts[0].numel()]])
+    segments = torch.tensor([[0, 2, 1], [3, 5, 0]])
+    out = torch.randn(n, out_dim, generator=g)
+    expected = out.clone()
+    for start, end, s in segments.tolist():
+        h = x[start:end] @ a[s].float().t()
+        expected[start:end, :32] += h[:, :4] @ b_parts[0][s].float()
+        expected[start:end, 32:] += h[:, 4:] @ b_parts[1][s].float()
+    module.lora_delta(out, x, a, torch.cat([p.reshape(-1) for p in b_parts]), parts, segments)
+    return bool(torch.allclose(out, expected, atol=1e-4, rtol=1e-4))
