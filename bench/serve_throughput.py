@@ -203,7 +203,7 @@ def start_server(home: Path, dirs: list[Path], weight_format: str) -> tuple[subp
     url = f"http://127.0.0.1:{port}"
     import httpx
 
-    deadline = time.time() + 180
+    deadline = time.time() + 300  # the first start on a machine also compiles the LoRA kernel (~40 s)
     while time.time() < deadline:
         try:
             if httpx.get(url + "/ready", timeout=1).status_code == 200:

@@ -56,7 +56,7 @@ def serve_demo(console: Console, adapter: Path, home: Path, question: str, syste
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # the first start on a machine also compiles the LoRA kernel (~40 s)
         while True:
             try:
                 if httpx.get(url + "/ready", timeout=1).status_code == 200:

@@ -384,3 +384,37 @@ def test_min_tokens_masks_the_stop_token_for_every_choice(tiny_model_dir: Path) 
         engine.close()
     assert len(one[0]) >= 3 and first[0] not in one[0][:3]
     assert two[0] == two[1] == one[0]
+
+
+@NATIVE
+def test_kernel_stack_is_rebuilt_only_when_its_adapters_change(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New combinations of stacked adapters reuse the stack; a new adapter joins it, and beyond the
+    arena's size the least recently used one that the step does not need leaves it."""
+    from loraforge.serve import runner as runner_module
+    from loraforge.serve.runner import _PerSegment
+
+    monkeypatch.setattr(runner_module, "KERNEL_ARENA", 2)
+    runner = _runner(tiny_model_dir, lora_kernel="native")
+    loras = {
+        n: load_lora(adapter_dirs[n], sha256_file(adapter_dirs[n] / "adapter_model.safetensors"), runner)
+        for n in ("a1", "a2", "b1")
+    }
+
+    def step(names: list[str]) -> list[Any]:
+        segments = [Segment(2 * i, 2 * i + 2, loras[n]) for i, n in enumerate(names)]
+        plan = runner._lora_plan(segments)
+        x, before = torch.randn(2 * len(names), runner.hidden), torch.randn(2 * len(names), runner.hidden)
+        fused, single = before.clone(), before.clone()
+        plan(fused, x, 0, "o")
+        _PerSegment(segments)(single, x, 0, "o")
+        assert (fused - single).abs().max() < 1e-5
+        return runner._arena_stacks
+
+    first = step(["a1", "a2"])
+    assert step(["a2"]) is first and step(["a2", "a1"]) is first  # other combinations: the same stack
+    after = step(["b1", "a2"])  # b1 joins; a1, least recently used and not needed, leaves
+    assert after is not first and [id(a) for a in runner._arena] == [id(loras["a2"]), id(loras["b1"])]
+    step(["a1", "a2", "b1"])  # a step needs more adapters than the arena holds: all of them stay
+    assert len(runner._arena) == 3

@@ -50,7 +50,8 @@ GROUP_OF = {
     "down_proj": ("down", 0),
 }
 GROUPS = ("qkv", "o", "gu", "down")
-STACK_CACHE = 2  # combinations of adapters whose stacked weights are kept
+STACK_CACHE = 2  # combinations of adapters whose stacked weights are kept (PyTorch path)
+KERNEL_ARENA = 8  # adapters kept stacked for the native kernel (more if one step runs more)
 WEIGHT_FORMATS = ("auto", "fp16", "onednn", "row-major")
 MKLDNN = getattr(torch, "_mkldnn", None)  # the layout of oneDNN-packed tensors
 _FORMAT_WORKS: dict[str, bool] = {}
@@ -243,7 +244,14 @@ class LlamaRunner:
         self.kv = torch.empty(0)
         # Stacked adapter weights per combination of adapters in a step (holding the adapters alive,
         # so their ids stay unique while cached).
-        self._stack_cache: OrderedDict[tuple[int, ...], tuple[list[LoraLayers], list[Any]]] = OrderedDict()
+        self._stack_cache: OrderedDict[tuple[int, ...], tuple[list[LoraLayers], list[_Stack]]] = OrderedDict()
+        # The native kernel reads any segments' adapters out of one stack, so the adapters of recent
+        # steps stay stacked together and a new combination of them costs nothing; the stack is
+        # rebuilt only when an adapter joins or leaves it.
+        self._arena: list[LoraLayers] = []
+        self._arena_used: dict[int, int] = {}  # id → the step that last used it
+        self._arena_stacks: list[dict[str, _FusedGroup]] = []
+        self._steps = 0
 
     # -- the KV pool --------------------------------------------------------------------------
 
@@ -442,19 +450,40 @@ class LlamaRunner:
         with_lora = [s for s in segments if s.lora is not None]
         if not with_lora or (self.kernel is None and len(with_lora) < 2):
             return _PerSegment(with_lora)
+        if self.kernel is not None:
+            return _Fused(self.kernel, with_lora, self._arena_stacks_for(with_lora), self._arena_index(with_lora))
         key = tuple(id(s.lora) for s in with_lora)
         entry = self._stack_cache.get(key)
         if entry is None:
             loras = [s.lora for s in with_lora if s.lora is not None]
-            stacks = [_stack_layer(layer, loras) for layer in range(len(self.layers))]
-            entry = (loras, [_fuse_layer(stack) for stack in stacks] if self.kernel is not None else stacks)
+            entry = (loras, [_stack_layer(layer, loras) for layer in range(len(self.layers))])
             self._stack_cache[key] = entry
             while len(self._stack_cache) > STACK_CACHE:
                 self._stack_cache.popitem(last=False)
         self._stack_cache.move_to_end(key)
-        if self.kernel is not None:
-            return _Fused(self.kernel, with_lora, entry[1])
         return _Stacked(with_lora, entry[1])
+
+    def _arena_stacks_for(self, with_lora: list[Segment]) -> list[dict[str, _FusedGroup]]:
+        """The kernel's stack holding every adapter of this step (rebuilt when its members change)."""
+        self._steps += 1
+        needed = {id(s.lora): s.lora for s in with_lora if s.lora is not None}
+        for key in needed:
+            self._arena_used[key] = self._steps
+        missing = [lora for key, lora in needed.items() if all(key != id(a) for a in self._arena)]
+        if not missing and self._arena_stacks:
+            return self._arena_stacks
+        arena = self._arena + missing
+        while len(arena) > max(KERNEL_ARENA, len(needed)):  # drop the least recently used that is not needed
+            oldest = min((a for a in arena if id(a) not in needed), key=lambda a: self._arena_used.get(id(a), 0))
+            arena.remove(oldest)
+            self._arena_used.pop(id(oldest), None)
+        self._arena = arena
+        self._arena_stacks = [_fuse_layer(_stack_layer(layer, arena)) for layer in range(len(self.layers))]
+        return self._arena_stacks
+
+    def _arena_index(self, with_lora: list[Segment]) -> list[int]:
+        position = {id(a): i for i, a in enumerate(self._arena)}
+        return [position[id(s.lora)] for s in with_lora]
 
     def _layers(
         self,
@@ -601,10 +630,14 @@ def _fuse_layer(stack: _Stack) -> dict[str, _FusedGroup]:
 class _Fused:
     """All adapters of a step through the native kernel: one call per projection, any segments."""
 
-    def __init__(self, kernel: Any, segments: list[Segment], stacks: list[dict[str, _FusedGroup]]) -> None:
+    def __init__(
+        self, kernel: Any, segments: list[Segment], stacks: list[dict[str, _FusedGroup]], index: list[int]
+    ) -> None:
         self.kernel = kernel
-        self.stacks = stacks
-        self.segments = torch.tensor([[s.start, s.end, i] for i, s in enumerate(segments)], dtype=torch.long)
+        self.stacks = stacks  # per layer; adapter ``index[i]`` of the stack is segment i's
+        self.segments = torch.tensor(
+            [[s.start, s.end, i] for s, i in zip(segments, index, strict=True)], dtype=torch.long
+        )
 
     def __call__(self, out: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
         g = self.stacks[layer].get(group)
