@@ -423,23 +423,20 @@ class LocalEngine:
             self._start_rows(gen, first, logits[-1:])
         if plain:
             slots = [self._rows.index(r[0]) for _, r in plain]
-            cache = self.prefix_cache
-            scopes = [g.request.cache_scope if cache is not None else None for g, _ in plain]
-            past = [0] * len(plain)
-            for i, ((gen, _), scope) in enumerate(zip(plain, scopes, strict=True)):
-                if cache is not None and scope is not None:  # a cached prefix goes straight into the slot
-                    past[i] = self.runner.write_prefix(slots[i], cache.lookup(scope, gen.request.prompt))
+            prompts = [g.request.prompt for g, _ in plain]
+            cache, past = self.prefix_cache, [0] * len(plain)
+            scoped = [(i, g.request.cache_scope) for i, (g, _) in enumerate(plain) if g.request.cache_scope]
+            if cache is not None:  # a cached prefix goes straight into the slot
+                for i, scope in scoped:
+                    past[i] = self.runner.write_prefix(slots[i], cache.lookup(scope, prompts[i]))
             last = self.runner.prefill_many(
-                slots,
-                [g.request.prompt[p:] for (g, _), p in zip(plain, past, strict=True)],
-                [g.request.lora for g, _ in plain],
-                past,
+                slots, [p[n:] for p, n in zip(prompts, past, strict=True)], [g.request.lora for g, _ in plain], past
             )
             # Cache the prompts' blocks before any row starts: a row that finishes on its first
             # token is removed, and that moves later rows (their KV) to other slots.
-            for i, ((gen, _), scope) in enumerate(zip(plain, scopes, strict=True)):
-                if cache is not None and scope is not None:
-                    cache.insert(scope, gen.request.prompt, functools.partial(self.runner.read_prefix, slots[i]))
+            if cache is not None:
+                for i, scope in scoped:
+                    cache.insert(scope, prompts[i], functools.partial(self.runner.read_prefix, slots[i]))
             for i, (gen, mine) in enumerate(plain):
                 self._start_rows(gen, mine, last[i : i + 1])
 

@@ -20,7 +20,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,7 +29,6 @@ DEFAULT_BLOCK = 64
 
 @dataclass
 class PrefixStats:
-    lookups: int = 0
     prompt_tokens: int = 0  # tokens of the prompts looked up
     hit_tokens: int = 0  # of which came from the cache
     blocks: int = 0
@@ -75,7 +74,6 @@ class PrefixCache:
             found.append((key, kv))
         for key, _ in reversed(found):
             self._blocks.move_to_end(key)
-        self._stats.lookups += 1
         self._stats.prompt_tokens += len(prompt)
         self._stats.hit_tokens += len(found) * self.block
         return [kv for _, kv in found]
@@ -111,15 +109,5 @@ class PrefixCache:
                 if key in self._blocks:
                     self._blocks.move_to_end(key)
 
-    def clear(self) -> None:
-        self._blocks.clear()
-        self._stats.bytes = 0
-
     def stats(self) -> PrefixStats:
-        return PrefixStats(
-            lookups=self._stats.lookups,
-            prompt_tokens=self._stats.prompt_tokens,
-            hit_tokens=self._stats.hit_tokens,
-            blocks=len(self._blocks),
-            bytes=self._stats.bytes,
-        )
+        return replace(self._stats, blocks=len(self._blocks))

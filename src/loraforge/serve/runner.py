@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.errors import ModelError
+from loraforge.serve.kernels import load_lora_kernel, native_lora_supported
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 # LoRA target names → (fused group, index of the part inside the group).
@@ -469,7 +470,8 @@ class LlamaRunner:
         needed = {id(s.lora): s.lora for s in with_lora if s.lora is not None}
         for key in needed:
             self._arena_used[key] = self._steps
-        missing = [lora for key, lora in needed.items() if all(key != id(a) for a in self._arena)]
+        members = {id(a) for a in self._arena}
+        missing = [lora for key, lora in needed.items() if key not in members]
         if not missing and self._arena_stacks:
             return self._arena_stacks
         arena = self._arena + missing
@@ -654,8 +656,6 @@ def _resolve_lora_kernel(choice: str, dtype: torch.dtype) -> Any | None:
     Raises:
         ModelError: ``choice`` is unknown, or ``native`` where the kernel cannot work.
     """
-    from loraforge.serve.kernels import load_lora_kernel, native_lora_supported
-
     if choice not in LORA_KERNELS:
         raise ModelError(f"lora kernel must be one of {', '.join(LORA_KERNELS)}, got {choice!r}")
     if choice == "torch" or (choice == "auto" and (dtype != torch.float32 or not native_lora_supported())):
