@@ -100,3 +100,31 @@ def test_fp16_weights_choose_the_same_next_tokens_as_fp32(real_base, tokenizer) 
     kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
     assert agreement >= 0.99, agreement
     assert kl < 1e-4, kl
+
+
+def test_the_default_model_is_served_from_its_own_gguf_blocks(real_base, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The packaged model's weights are GGUF values (Q4_1 projections, a Q8_0 embedding), so
+    ``auto`` holds them as blocks, and the logits are float32's up to the order of the sums."""
+    from loraforge.models.sources import load_model
+    from loraforge.serve.kernels import load_kernels, native_supported
+    from loraforge.serve.runner import LlamaRunner
+
+    if not native_supported() or load_kernels() is None:
+        pytest.skip("no native kernels")
+    text = (SAMPLES / "support.jsonl").read_text()
+    tokens = tokenizer(text, add_special_tokens=False).input_ids[:301]
+    logits = {}
+    for fmt in ("row-major", "auto"):
+        runner = LlamaRunner(load_model(real_base, dtype=torch.float32).eval(), max_slots=2, weight_format=fmt)
+        if fmt == "auto":
+            assert runner.weight_format == "gguf"
+            kinds = {getattr(layer, name).kind for layer in runner.layers for name in ("qkv", "o", "gu", "down")}
+            assert kinds == {"q4_1"} and runner.embed is runner.lm_head and runner.lm_head.kind == "q8_0"
+        prompt = runner.prefill(0, tokens[:300], None, all_logits=True)  # ≥ DEQUANTIZE_FROM rows: dequantized + GEMM
+        runner.prefill(1, tokens[:40], None)
+        step = runner.decode([tokens[40], tokens[300]], [40, 300], [])  # two rows in the kernel's registers
+        logits[fmt] = torch.cat([prompt, step])
+        del runner
+    ref, got = logits["row-major"], logits["auto"]
+    assert (ref - got).abs().max() < 1e-3, (ref - got).abs().max()
+    assert torch.equal(ref.argmax(-1), got.argmax(-1))

@@ -85,6 +85,28 @@ def start_server(home: Path, model_dir: Path, **overrides: Any) -> Iterator[Runn
 
 
 @pytest.fixture(scope="session")
+def gguf_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model with the values a GGUF file would give it: projections rounded through
+    Q4_1 blocks, the (tied) embedding through Q8_0, as the default base model's are."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.serve.blocks import dequantize, quantize
+
+    out = tmp_path_factory.mktemp("tiny-gguf")
+    for path in tiny_model_dir.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy(path, out / path.name)
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    for name, weight in weights.items():
+        if weight.dim() == 2:
+            weights[name] = dequantize(quantize(weight, "q8_0" if "embed" in name else "q4_1"))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
 def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {name: make_adapter(tiny_model_dir, root / name, seed=i) for i, name in enumerate(("a1", "a2", "b1", "p1"))}

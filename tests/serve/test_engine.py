@@ -12,19 +12,19 @@ import torch
 
 from loraforge.models.sources import sha256_file
 from loraforge.serve.adapters import load_lora
+from loraforge.serve.blocks import Blocks
 from loraforge.serve.engine import FinishEvent, GenerationRequest, LocalEngine, SamplingParams, TokenEvent
-from loraforge.serve.kernels import load_lora_kernel, native_lora_supported
-from loraforge.serve.runner import MKLDNN, LlamaRunner, Segment, format_available
+from loraforge.serve.kernels import load_kernels, native_supported
+from loraforge.serve.runner import MKLDNN, LlamaRunner, Segment, format_available, resolve_weight_format
 
+NATIVE = pytest.mark.skipif(not native_supported() or load_kernels() is None, reason="no native kernel")
+KERNELS = ["torch", pytest.param("native", marks=NATIVE)]
 FORMATS = [
     "row-major",
     pytest.param("onednn", marks=pytest.mark.skipif(not format_available("onednn", torch.float32), reason="no oneDNN")),
     pytest.param("fp16", marks=pytest.mark.skipif(not format_available("fp16", torch.float32), reason="no fbgemm")),
+    pytest.param("gguf", marks=NATIVE),  # on the block-exact copy of the tiny model
 ]
-
-
-NATIVE = pytest.mark.skipif(not native_lora_supported() or load_lora_kernel() is None, reason="no native kernel")
-KERNELS = ["torch", pytest.param("native", marks=NATIVE)]
 
 
 def _runner(model_dir: Path, slots: int = 8, *, weight_format: str = "auto", lora_kernel: str = "auto") -> LlamaRunner:
@@ -37,16 +37,18 @@ def _runner(model_dir: Path, slots: int = 8, *, weight_format: str = "auto", lor
 @pytest.mark.parametrize("lora_kernel", KERNELS)
 @pytest.mark.parametrize("weight_format", FORMATS)
 def test_runner_logits_match_peft_within_1e4(
-    tiny_model_dir: Path, adapter_dirs: dict[str, Path], weight_format: str, lora_kernel: str
+    tiny_model_dir: Path, gguf_model_dir: Path, adapter_dirs: dict[str, Path], weight_format: str, lora_kernel: str
 ) -> None:
     """Against PEFT on the weights the runner stores: fp16 base weights (and, with the native
     kernel, fp16 adapter weights) are compared with a PEFT model whose weights were rounded the
-    same way, so the products themselves must agree to 1e-4."""
+    same way, so the products themselves must agree to 1e-4. GGUF blocks hold the block-exact
+    model's own values: no rounding."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     adapter = adapter_dirs["a1"]
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapter))
+    model_dir = gguf_model_dir if weight_format == "gguf" else tiny_model_dir
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(adapter))
     peft_model.eval()
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -58,10 +60,11 @@ def test_runner_logits_match_peft_within_1e4(
         expected = peft_model(ids).logits[0]
         with peft_model.disable_adapter():
             expected_base = peft_model(ids).logits[0]
-    runner = _runner(tiny_model_dir, weight_format=weight_format, lora_kernel=lora_kernel)
+    runner = _runner(model_dir, weight_format=weight_format, lora_kernel=lora_kernel)
     assert runner.weight_format == weight_format and (runner.kernel is not None) is (lora_kernel == "native")
     assert (getattr(runner.layers[0].gu, "layout", None) == MKLDNN) is (weight_format == "onednn")
-    assert isinstance(runner.layers[0].gu, torch.Tensor) is (weight_format != "fp16")
+    assert isinstance(runner.layers[0].gu, torch.Tensor) is (weight_format in ("row-major", "onednn"))
+    assert isinstance(runner.layers[0].gu, Blocks) is (weight_format == "gguf")
     lora = load_lora(adapter, sha256_file(adapter / "adapter_model.safetensors"), runner)
     tokens = ids[0].tolist()
     prefill = runner.prefill(0, tokens[:-1], lora, all_logits=True)
@@ -124,10 +127,15 @@ def _generate(engine: LocalEngine, requests: list[GenerationRequest], stagger: f
     return asyncio.run(all_())
 
 
-def test_batched_greedy_equals_one_at_a_time(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("weight_format", ["auto", pytest.param("gguf", marks=NATIVE)])
+def test_batched_greedy_equals_one_at_a_time(
+    tiny_model_dir: Path, gguf_model_dir: Path, adapter_dirs: dict[str, Path], weight_format: str
+) -> None:
     """Rows join and leave mid-flight across four segments (base + 3 adapters); every
-    request's tokens must be exactly those it gets when it runs alone."""
-    runner = _runner(tiny_model_dir, slots=6)
+    request's tokens must be exactly those it gets when it runs alone. With GGUF blocks, 1–3 rows
+    and more rows take different paths through the kernel."""
+    model_dir = gguf_model_dir if weight_format == "gguf" else tiny_model_dir
+    runner = _runner(model_dir, slots=6, weight_format=weight_format)
     loras = {
         name: load_lora(adapter_dirs[name], sha256_file(adapter_dirs[name] / "adapter_model.safetensors"), runner)
         for name in ("a1", "a2", "b1")
@@ -331,10 +339,27 @@ def test_native_lora_kernel_for_bf16_weights_is_refused_clearly(tiny_model_dir: 
     assert LlamaRunner(model, max_slots=2).kernel is None  # auto: PyTorch operations for bf16
 
 
+@NATIVE
+def test_auto_weight_format_takes_gguf_blocks_only_for_block_exact_weights(
+    tiny_model_dir: Path, gguf_model_dir: Path
+) -> None:
+    from loraforge.errors import ModelError
+
+    runner = _runner(gguf_model_dir)
+    assert runner.weight_format == "gguf"
+    assert isinstance(runner.lm_head, Blocks) and runner.lm_head.kind == "q8_0"
+    assert runner.embed is runner.lm_head  # tied: one copy, looked up and multiplied
+    assert {getattr(layer, name).kind for layer in runner.layers for name in ("qkv", "o", "gu", "down")} == {"q4_1"}
+    assert _runner(tiny_model_dir).weight_format == resolve_weight_format("auto", torch.float32)  # not block values
+    with pytest.raises(ModelError, match="gguf weight format cannot hold this model: layer 0's qkv weights are not"):
+        _runner(tiny_model_dir, weight_format="gguf")
+
+
 def test_unknown_weight_format_is_refused(tiny_model_dir: Path) -> None:
     from loraforge.errors import ModelError
 
-    with pytest.raises(ModelError, match="weight format must be one of auto, fp16, onednn, row-major, got 'int3'"):
+    formats = "auto, gguf, fp16, onednn, row-major"
+    with pytest.raises(ModelError, match=f"weight format must be one of {formats}, got 'int3'"):
         _runner(tiny_model_dir, weight_format="int3")
 
 

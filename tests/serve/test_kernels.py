@@ -5,18 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraforge.serve.kernels import load_lora_kernel, native_lora_supported
+from loraforge.serve.kernels import load_kernels, native_supported
 
-NATIVE = pytest.mark.skipif(
-    not native_lora_supported() or load_lora_kernel() is None, reason="no native kernel on this machine"
-)
+NATIVE = pytest.mark.skipif(not native_supported() or load_kernels() is None, reason="no native kernel on this machine")
 
 
 def test_the_kernel_builds_wherever_it_is_supported() -> None:
     """On an x86 CPU with AVX2 (every CI machine) a failed build must fail the suite, not skip it."""
-    if not native_lora_supported():
+    if not native_supported():
         pytest.skip("not an x86 CPU with AVX2")
-    assert load_lora_kernel() is not None, "the native LoRA kernel did not build: see the warning logged above"
+    assert load_kernels() is not None, "the native LoRA kernel did not build: see the warning logged above"
 
 
 CASES = [
@@ -34,7 +32,7 @@ CASES = [
 def test_kernel_equals_per_segment_products(
     name: str, fan_in: int, parts: list[tuple[int, int]], segments: list[tuple[int, int, int]], rows: int, adapters: int
 ) -> None:
-    kernel = load_lora_kernel()
+    kernel = load_kernels()
     g = torch.Generator().manual_seed(len(name))
     rank = sum(r for r, _ in parts)
     out_dim = sum(w for _, w in parts)
@@ -59,7 +57,7 @@ def test_kernel_equals_per_segment_products(
 
 @NATIVE
 def test_kernel_refuses_bad_arguments_clearly() -> None:
-    kernel = load_lora_kernel()
+    kernel = load_kernels()
     x, out = torch.randn(4, 16), torch.zeros(4, 16)
     a, b = torch.randn(1, 2, 16).half(), torch.randn(32).half()
     parts, segments = torch.tensor([[0, 2, 0, 16, 0]]), torch.tensor([[0, 4, 0]])

@@ -170,7 +170,7 @@ def test_text_stream_finds_a_stop_string_split_across_tokens(tokenizer) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("weight_format", "int4", "weight_format must be one of auto, fp16, onednn, row-major, got 'int4'"),
+        ("weight_format", "int4", "weight_format must be one of auto, gguf, fp16, onednn, row-major, got 'int4'"),
         ("prefix_cache_mb", -1, "prefix_cache_mb must be >= 0, got -1"),
         ("lora_kernel", "cuda", "lora_kernel must be one of auto, native, torch, got 'cuda'"),
         ("max_batch_size", 0, "max_batch_size must be >= 1, got 0"),

@@ -48,9 +48,11 @@ class ServeConfig:
     """How the base weights are stored: bf16 where bf16 matmuls are fast (AMX, AVX512-BF16, CUDA),
     else fp32 ("auto"); or "bf16" / "fp32" explicitly. Adapters and activations run in this precision."""
     weight_format: str = "auto"
-    """How the engine holds fp32 base weights: "fp16" (half the bytes per decoded token, multiplied in
-    fp32), "onednn" (fp32 in oneDNN's blocked layout) or "row-major"; "auto" takes the first that works
-    here. bf16 weights are always row-major."""
+    """How the engine holds fp32 base weights: "gguf" (the Q4_1 / Q8_0 blocks of a model loaded from a
+    GGUF file, exactly its values, 5-8.5 bits per weight; needs the native kernels), "fp16" (half the
+    bytes per decoded token, multiplied in fp32), "onednn" (fp32 in oneDNN's blocked layout) or
+    "row-major"; "auto" takes the first that works here and for these weights. bf16 weights are always
+    row-major."""
     lora_kernel: str = "auto"
     """How decode steps apply adapters: "native" (one compiled call per projection for every adapter
     of the step, adapter weights in fp16; built on first use with g++), "torch" (batched PyTorch

@@ -1,11 +1,16 @@
 """Native CPU kernels of the serving engine, compiled on first use.
 
-``lora_cpu.cpp`` applies every adapter of a decode step to one projection in one call (see its
-header). It is compiled by PyTorch's ``cpp_extension`` (g++ and ninja, for x86 CPUs with AVX2, FMA
-and F16C) into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``), once per version of the source: the first server start on a
-machine takes ~40 s longer. Where it cannot be built or fails its check against PyTorch's own
-operations, the engine says so in the log and uses those operations instead.
+- ``lora_cpu.cpp``: ``lora_delta`` applies every adapter of a decode step to one projection in
+  one call.
+- ``blocks_cpu.cpp``: ``q4_1_linear`` and ``q8_0_linear`` multiply float32 activations with
+  weights held in GGUF's block formats (see ``loraforge.serve.blocks``).
+
+They are compiled together with ``module.cpp``, their Python bindings, as one module, by
+PyTorch's ``cpp_extension`` (g++ and ninja, for x86 CPUs with AVX2, FMA and F16C) into PyTorch's
+extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), once per
+version of the sources: the first server start on a machine takes about a minute longer. Where
+the module cannot be built or fails its check against PyTorch's own operations, the engine says
+so in the log and uses those operations instead.
 """
 
 from __future__ import annotations
@@ -21,44 +26,45 @@ from typing import Any
 import torch
 
 log = logging.getLogger("loraforge.serve")
-SOURCE = Path(__file__).with_name("lora_cpu.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("lora_cpu.cpp", "blocks_cpu.cpp", "module.cpp")]
 # at::parallel_for is OpenMP inside PyTorch's headers. Linked with -fopenmp, the kernel asks for
 # libgomp.so.1, which PyTorch has already loaded: one OpenMP pool in the process, not two.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-_LOADED: dict[str, Any] = {}  # one build per process: "lora" → the module, or None if unavailable
+_LOADED: dict[str, Any] = {}  # one build per process: "native" → the module, or None if unavailable
 
 
-def native_lora_supported() -> bool:
-    """Whether this machine can run the kernel at all (x86-64 with AVX2; FMA and F16C come with it)."""
+def native_supported() -> bool:
+    """Whether this machine can run the kernels at all (x86-64 with AVX2; FMA and F16C come with it)."""
     capability = torch.backends.cpu.get_cpu_capability()
     return platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512")
 
 
-def load_lora_kernel() -> Any | None:
-    """The compiled module (with ``lora_delta``), or ``None`` where it cannot be built or is wrong."""
-    if "lora" in _LOADED:
-        return _LOADED["lora"]
+def load_kernels() -> Any | None:
+    """The compiled module, or ``None`` where it cannot be built or is wrong."""
+    if "native" in _LOADED:
+        return _LOADED["native"]
     module = None
-    if native_lora_supported():
+    if native_supported():
         try:
             from torch.utils.cpp_extension import load
 
             _put_ninja_on_path()
-            digest = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, torch.__version__)).encode()).hexdigest()
+            text = b"".join(source.read_bytes() for source in SOURCES)
+            digest = hashlib.sha256(text + repr((FLAGS, torch.__version__)).encode()).hexdigest()
             module = load(
-                name=f"loraforge_lora_{digest[:12]}",
-                sources=[str(SOURCE)],
+                name=f"loraforge_kernels_{digest[:12]}",
+                sources=[str(source) for source in SOURCES],
                 extra_cflags=FLAGS,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
-            if not _agrees(module):
-                log.warning("the native LoRA kernel disagrees with PyTorch here; using PyTorch operations")
+            if not (_lora_agrees(module) and _blocks_agree(module)):
+                log.warning("the native kernels disagree with PyTorch here; using PyTorch operations")
                 module = None
         except Exception as e:  # no compiler, no ninja, a build error: serve without it
-            log.warning("the native LoRA kernel could not be built (%s); using PyTorch operations", e)
+            log.warning("the native kernels could not be built (%s); using PyTorch operations", e)
             module = None
-    _LOADED["lora"] = module
+    _LOADED["native"] = module
     return module
 
 
@@ -73,7 +79,7 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
 
 
-def _agrees(module: Any) -> bool:
+def _lora_agrees(module: Any) -> bool:
     """One random case (two adapters, two parts, a column tail) against a plain computation."""
     g = torch.Generator().manual_seed(0)
     n, fan_in, out_dim = 5, 40, 52
@@ -90,3 +96,23 @@ def _agrees(module: Any) -> bool:
         expected[start:end, 32:] += h[:, 4:] @ b_parts[1][s].float()
     module.lora_delta(out, x, a, torch.cat([p.reshape(-1) for p in b_parts]), parts, segments)
     return bool(torch.allclose(out, expected, atol=1e-4, rtol=1e-4))
+
+
+def _blocks_agree(module: Any) -> bool:
+    """Both block formats, for 1, 3 and 7 rows (each of the kernel's paths), against dequantized weights."""
+    from loraforge.serve.blocks import KINDS, dequantize, quantize
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(37, 96, generator=g)
+    for kind in KINDS:
+        blocks = quantize(weight, kind)
+        exact = dequantize(blocks)
+        for rows in (1, 3, 7):
+            x = torch.randn(rows, 96, generator=g)
+            if kind == "q4_1":
+                got = module.q4_1_linear(x, blocks.qs, blocks.scales, blocks.mins)
+            else:
+                got = module.q8_0_linear(x, blocks.qs, blocks.scales)
+            if not torch.allclose(got, x @ exact.t(), atol=1e-4, rtol=1e-4):
+                return False
+    return True

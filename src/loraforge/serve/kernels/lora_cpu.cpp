@@ -170,7 +170,3 @@ void lora_delta(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tens
     }
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_delta", &lora_delta, "every adapter of a decode step on one projection, in place");
-}

@@ -1,0 +1,15 @@
+// The Python module of the serving engine's native kernels (built by kernels/__init__.py).
+#include <torch/extension.h>
+
+void lora_delta(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor parts,
+                torch::Tensor segments);
+torch::Tensor q4_1_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m);
+torch::Tensor q8_0_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d);
+void dequantize_blocks(torch::Tensor qs, torch::Tensor d, torch::Tensor mins, torch::Tensor out);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora_delta", &lora_delta, "every adapter of a decode step on one projection, in place");
+  m.def("q4_1_linear", &q4_1_linear, "x @ W.T with W in Q4_1 blocks (see blocks_cpu.cpp)");
+  m.def("q8_0_linear", &q8_0_linear, "x @ W.T with W in Q8_0 blocks");
+  m.def("dequantize_blocks", &dequantize_blocks, "Q4_1 or Q8_0 blocks to float32, into out");
+}
