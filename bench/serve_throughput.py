@@ -17,10 +17,11 @@ hit neither side of a ratio alone.
 Latency: 64 concurrent streaming clients (32 tokens each): p50/p99 latency and time to first token.
 Prefix cache: time to first token with a ~1,000-token system prompt, its first request against a
 later one with the same system prompt (median over three system prompts).
-The server runs with ``--weight-format`` (default ``auto``: fp16 weights where fbgemm works); a
-second server with float32 weights (``onednn``) measures batch-1 decode again, for reference.
+The server runs with ``--weight-format`` (default ``auto``: for the default model, its own GGUF
+blocks where the native kernels build); servers with fp16 weights and with float32 weights
+(``onednn``) measure batch-1 decode again, for reference.
 
-    python bench/serve_throughput.py [--weight-format auto|fp16|onednn|row-major]
+    python bench/serve_throughput.py [--weight-format auto|gguf|fp16|onednn|row-major]
 
 The last line of output is one JSON object (speedup_vs_sequential, speedup_vs_mixed,
 adapter_overhead, decode_ms_per_token, p99_latency_s, ...).
@@ -181,6 +182,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def served_format(home: Path) -> str:
+    """The weight format the server chose, from its start-up log line."""
+    for line in (home / "server.log").read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"weight_format"' in line:
+            return str(json.loads(line)["weight_format"])
+    raise RuntimeError(f"no weight_format in {home / 'server.log'}")
+
+
 def start_server(home: Path, dirs: list[Path], weight_format: str) -> tuple[subprocess.Popen[bytes], str, str]:
     from loraforge.serve.adapters import AdapterStore
     from loraforge.serve.keys import KeyStore
@@ -328,25 +337,26 @@ def main() -> None:
     os.environ.setdefault("LORAFORGE_MODEL_CACHE", str(REPO / ".cache" / "models"))
     import torch
 
-    from loraforge.serve.runner import resolve_weight_format
-
-    weight_format = resolve_weight_format(args.weight_format, torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dirs, base = make_adapters(root / "adapters")
         peft = peft_baselines(dirs, base)
-        proc, url, key = start_server(root / "home", dirs, weight_format)
+        proc, url, key = start_server(root / "home", dirs, args.weight_format)
+        weight_format = served_format(root / "home")
+        print(f"    loraforge serves with weight_format {weight_format}", flush=True)
         try:
             ours = loraforge_runs(url, key, base.name)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        fp32_ms = None
-        if weight_format == "fp16":
-            proc, url, key = start_server(root / "home-fp32", dirs[:1], "onednn")
+        reference_ms: dict[str, float] = {}  # batch 1 with the other formats, same run
+        for other in ("fp16", "onednn"):
+            if other == weight_format:
+                continue
+            proc, url, key = start_server(root / f"home-{other}", dirs[:1], other)
             try:
-                fp32_ms = batch1_ms_per_token(url, key, base.name)
-                print(f"    loraforge batch 1, float32 weights (onednn): {fp32_ms:.1f} ms/token", flush=True)
+                reference_ms[other] = batch1_ms_per_token(url, key, base.name)
+                print(f"    loraforge batch 1, weight_format {other}: {reference_ms[other]:.1f} ms/token", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -358,7 +368,8 @@ def main() -> None:
         "decode_ms_per_token": ours["decode_ms_per_token"],
         "hf_decode_ms_per_token": peft["hf_decode_ms_per_token"],
         "decode_speedup_vs_hf": peft["hf_decode_ms_per_token"] / ours["decode_ms_per_token"],
-        "decode_ms_per_token_fp32_weights": fp32_ms,
+        "decode_ms_per_token_fp32_weights": reference_ms.get("onednn"),
+        "decode_ms_per_token_fp16_weights": reference_ms.get("fp16"),
         "weight_format": weight_format,
         "p50_latency_s": ours["latency"]["p50_latency_s"],
         "p99_latency_s": ours["latency"]["p99_latency_s"],
@@ -396,10 +407,10 @@ def main() -> None:
         f"| batch-1 decode (ms/token) | {summary['hf_decode_ms_per_token']:.1f} | "
         f"{summary['decode_ms_per_token']:.1f} | {summary['decode_speedup_vs_hf']:.2f}x |"
     )
-    if fp32_ms is not None:
+    for other, ms in reference_ms.items():
         print(
-            f"| batch-1 decode, float32 weights (ms/token) | {summary['hf_decode_ms_per_token']:.1f} | "
-            f"{fp32_ms:.1f} | {summary['hf_decode_ms_per_token'] / fp32_ms:.2f}x |"
+            f"| batch-1 decode, weight_format {other} (ms/token) | {summary['hf_decode_ms_per_token']:.1f} | "
+            f"{ms:.1f} | {summary['hf_decode_ms_per_token'] / ms:.2f}x |"
         )
     print(
         f"| 64 clients: p50 / p99 latency (s) | | {summary['p50_latency_s']:.2f} / {summary['p99_latency_s']:.2f} | |"
