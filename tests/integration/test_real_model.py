@@ -80,21 +80,31 @@ def test_few_steps_on_real_model_lower_loss_and_load_in_plain_peft(
     assert tuned_loss < base_loss - 0.1, (base_loss, tuned_loss)
 
 
+def _per_format(real_base, formats: tuple[str, ...], run) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """``run(runner)`` for a serving runner of each weight format on the real model, one at a time."""
+    from loraforge.models.sources import load_model
+    from loraforge.serve.runner import LlamaRunner
+
+    out = {}
+    for fmt in formats:
+        runner = LlamaRunner(load_model(real_base, dtype=torch.float32).eval(), max_slots=2, weight_format=fmt)
+        out[fmt] = run(runner)
+        del runner
+    return out
+
+
 def test_fp16_weights_choose_the_same_next_tokens_as_fp32(real_base, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """The serving engine's fp16 weight format on the real model: the next-token choice agrees with
     fp32 weights at ≥ 99% of the positions of a real text, and the distributions barely move."""
-    from loraforge.models.sources import load_model
-    from loraforge.serve.runner import LlamaRunner, format_available
+    from loraforge.serve.runner import format_available
 
     if not format_available("fp16", torch.float32):
         pytest.skip("no fbgemm")
     text = (SAMPLES / "support.jsonl").read_text()
     tokens = tokenizer(text, add_special_tokens=False).input_ids[:768]
-    logits = {}
-    for fmt in ("row-major", "fp16"):
-        runner = LlamaRunner(load_model(real_base, dtype=torch.float32).eval(), max_slots=1, weight_format=fmt)
-        logits[fmt] = runner.prefill(0, tokens, None, all_logits=True).log_softmax(-1)
-        del runner
+    logits = _per_format(
+        real_base, ("row-major", "fp16"), lambda r: r.prefill(0, tokens, None, all_logits=True).log_softmax(-1)
+    )
     ref, got = logits["row-major"], logits["fp16"]
     agreement = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
@@ -105,26 +115,24 @@ def test_fp16_weights_choose_the_same_next_tokens_as_fp32(real_base, tokenizer) 
 def test_the_default_model_is_served_from_its_own_gguf_blocks(real_base, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """The packaged model's weights are GGUF values (Q4_1 projections, a Q8_0 embedding), so
     ``auto`` holds them as blocks, and the logits are float32's up to the order of the sums."""
-    from loraforge.models.sources import load_model
     from loraforge.serve.kernels import load_kernels, native_supported
-    from loraforge.serve.runner import LlamaRunner
 
     if not native_supported() or load_kernels() is None:
         pytest.skip("no native kernels")
     text = (SAMPLES / "support.jsonl").read_text()
     tokens = tokenizer(text, add_special_tokens=False).input_ids[:301]
-    logits = {}
-    for fmt in ("row-major", "auto"):
-        runner = LlamaRunner(load_model(real_base, dtype=torch.float32).eval(), max_slots=2, weight_format=fmt)
-        if fmt == "auto":
+
+    def run(runner):  # type: ignore[no-untyped-def]
+        if runner.weight_format != "row-major":
             assert runner.weight_format == "gguf"
             kinds = {getattr(layer, name).kind for layer in runner.layers for name in ("qkv", "o", "gu", "down")}
             assert kinds == {"q4_1"} and runner.embed is runner.lm_head and runner.lm_head.kind == "q8_0"
         prompt = runner.prefill(0, tokens[:300], None, all_logits=True)  # ≥ DEQUANTIZE_FROM rows: dequantized + GEMM
         runner.prefill(1, tokens[:40], None)
-        step = runner.decode([tokens[40], tokens[300]], [40, 300], [])  # two rows in the kernel's registers
-        logits[fmt] = torch.cat([prompt, step])
-        del runner
+        step = runner.decode([tokens[300], tokens[40]], [300, 40], [])  # two rows in the kernel's registers
+        return torch.cat([prompt, step])
+
+    logits = _per_format(real_base, ("row-major", "auto"), run)
     ref, got = logits["row-major"], logits["auto"]
     assert (ref - got).abs().max() < 1e-3, (ref - got).abs().max()
     assert torch.equal(ref.argmax(-1), got.argmax(-1))

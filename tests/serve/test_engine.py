@@ -326,6 +326,16 @@ def test_packed_formats_for_bf16_weights_are_refused_clearly(tiny_model_dir: Pat
         LlamaRunner(model, max_slots=2, weight_format=weight_format)
 
 
+def test_gguf_blocks_for_bf16_weights_are_refused_clearly(gguf_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.errors import ModelError
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_model_dir), dtype=torch.bfloat16).eval()
+    with pytest.raises(ModelError, match="gguf weight format cannot hold this model: it needs float32 weights; these"):
+        LlamaRunner(model, max_slots=2, weight_format="gguf")
+
+
 def test_native_lora_kernel_for_bf16_weights_is_refused_clearly(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 

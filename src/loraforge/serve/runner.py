@@ -306,19 +306,19 @@ class LlamaRunner:
         widened back to the activations' dtype).
         """
         if choice in ("auto", "gguf"):
-            blocks, reason = self._exact_blocks()
-            if blocks is not None:
-                for layer, held in zip(self.layers, blocks, strict=False):
+            found = self._exact_blocks()
+            if not isinstance(found, str):
+                layers, self.lm_head = found
+                for layer, held in zip(self.layers, layers, strict=True):
                     for name, weight in held.items():
                         setattr(layer, name, weight)
-                self.lm_head = blocks[-1]["head"]
                 if tied:
                     self.embed = self.lm_head
                 elif isinstance(self.embed, torch.Tensor):
                     self.embed = exact_blocks(self.embed) or self.embed
                 return "gguf"
             if choice == "gguf":
-                raise ModelError(f"the gguf weight format cannot hold this model: {reason}; use weight_format: auto")
+                raise ModelError(f"the gguf weight format cannot hold this model: {found}; use weight_format: auto")
         for layer in self.layers:
             for name in ("qkv", "o", "gu", "down"):
                 setattr(layer, name, _pack(getattr(layer, name), fallback, max_slots))
@@ -327,26 +327,27 @@ class LlamaRunner:
             self.embed = self.embed.half()
         return fallback
 
-    def _exact_blocks(self) -> tuple[list[dict[str, Blocks]] | None, str]:
-        """Every projection and the head as exact blocks (the head last, as ``"head"``), or why not."""
-        if self.dtype != torch.float32 or load_kernels() is None:
-            return None, (
-                f"it needs float32 weights (these are {self.dtype}) and the native kernels, which need an x86 CPU"
-                f" with AVX2 (this one: {torch.backends.cpu.get_cpu_capability()}), g++ and ninja (see the log)"
-            )
-        held: list[dict[str, Blocks]] = []
+    def _exact_blocks(self) -> tuple[list[dict[str, Blocks]], Blocks] | str:
+        """Every projection (per layer) and the head as exact blocks, or why they cannot be."""
+        if self.dtype != torch.float32:
+            return f"it needs float32 weights; these are {self.dtype}"
+        layers: list[dict[str, Blocks]] = []
         for i, layer in enumerate(self.layers):
-            held.append({})
+            layers.append({})
             for name in ("qkv", "o", "gu", "down"):
                 blocks = exact_blocks(getattr(layer, name))
                 if blocks is None:
-                    return None, f"layer {i}'s {name} weights are not Q4_1 or Q8_0 values (as a GGUF file's are)"
-                held[-1][name] = blocks
+                    return f"layer {i}'s {name} weights are not Q4_1 or Q8_0 values (as a GGUF file's are)"
+                layers[-1][name] = blocks
         head = exact_blocks(self.lm_head)
         if head is None:
-            return None, "the output head's weights are not Q4_1 or Q8_0 values (as a GGUF file's are)"
-        held.append({"head": head})
-        return held, ""
+            return "the output head's weights are not Q4_1 or Q8_0 values (as a GGUF file's are)"
+        if load_kernels() is None:  # built only for block-exact weights
+            return (
+                "it needs the native kernels, which need an x86 CPU with AVX2 (this one:"
+                f" {torch.backends.cpu.get_cpu_capability()}), g++ and ninja (see the log)"
+            )
+        return layers, head
 
     # -- the KV pool --------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import torch
 
 log = logging.getLogger("loraforge.serve")
 SOURCES = [Path(__file__).with_name(name) for name in ("lora_cpu.cpp", "blocks_cpu.cpp", "module.cpp")]
+HEADERS = [Path(__file__).with_name("simd.h")]
 # at::parallel_for is OpenMP inside PyTorch's headers. Linked with -fopenmp, the kernel asks for
 # libgomp.so.1, which PyTorch has already loaded: one OpenMP pool in the process, not two.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
@@ -49,7 +50,7 @@ def load_kernels() -> Any | None:
             from torch.utils.cpp_extension import load
 
             _put_ninja_on_path()
-            text = b"".join(source.read_bytes() for source in SOURCES)
+            text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)  # a new build when any changes
             digest = hashlib.sha256(text + repr((FLAGS, torch.__version__)).encode()).hexdigest()
             module = load(
                 name=f"loraforge_kernels_{digest[:12]}",

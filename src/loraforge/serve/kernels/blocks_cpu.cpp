@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <cstdint>
 #include <vector>
 
@@ -26,13 +28,7 @@ constexpr int64_t kFusedRows = 3;  // up to this many rows of x: codes widened i
 constexpr int64_t kTile = 24;      // weight rows dequantized at a time for more rows of x
 constexpr int kMR = 3, kNR = 3;    // the register tile of the larger products: rows of x × weight rows
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_hadd_ps(lo, lo);
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(lo);
-}
+using loraforge::hsum;
 
 inline float half(at::Half h) { return _cvtsh_ss(h.x); }
 
