@@ -326,6 +326,22 @@ def test_packed_formats_for_bf16_weights_are_refused_clearly(tiny_model_dir: Pat
         LlamaRunner(model, max_slots=2, weight_format=weight_format)
 
 
+def test_without_native_kernels_gguf_weights_get_the_next_format(
+    gguf_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A machine where the kernels do not build still serves a GGUF-valued model (auto), and
+    asking for gguf there says what is missing."""
+    import loraforge.serve.runner as runner_module
+    from loraforge.errors import ModelError
+
+    monkeypatch.setattr(runner_module, "load_kernels", lambda: None)
+    runner = _runner(gguf_model_dir, lora_kernel="torch")
+    assert runner.weight_format == resolve_weight_format("auto", torch.float32)
+    assert not isinstance(runner.lm_head, Blocks) and not isinstance(runner.embed, Blocks)
+    with pytest.raises(ModelError, match="cannot hold this model: it needs the native kernels, which need an x86"):
+        _runner(gguf_model_dir, weight_format="gguf", lora_kernel="torch")
+
+
 def test_gguf_blocks_for_bf16_weights_are_refused_clearly(gguf_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
