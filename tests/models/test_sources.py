@@ -61,7 +61,7 @@ def test_files_that_are_not_gguf_models_are_clear_errors(tmp_path: Path) -> None
         resolve_base_model(str(text), tmp_path / "cache")
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
-    with pytest.raises(ModelError, match=r"cannot load .*broken\.gguf with transformers' GGUF reader"):
+    with pytest.raises(ModelError, match=r"cannot load the model or tokenizer of .*broken\.gguf with transformers'"):
         resolve_base_model(str(broken), tmp_path / "cache")
     assert not any((tmp_path / "cache").glob("*/model.safetensors"))  # nothing half-written is left
     with pytest.raises(ModelError, match=r"neither a known model .*, a \.gguf file nor a local model directory"):

@@ -46,6 +46,24 @@ def test_weights_that_are_not_block_values_are_not_held_as_blocks() -> None:
         quantize(torch.zeros(8, 64), "q2_k")
 
 
+def test_exactness_is_bit_for_bit() -> None:
+    weight = dequantize(quantize(_weight(4, 32, 6), "q8_0"))
+    assert exact_blocks(weight) is not None
+    signed = weight.clone()
+    signed[0, 0] = -0.0  # equal to 0.0, but not the value a block gives back
+    weight[0, 0] = 0.0
+    assert exact_blocks(weight) is not None and exact_blocks(signed) is None
+    weight[1, 1] = float("nan")
+    assert exact_blocks(weight) is None
+
+
+def test_q8_0_rounds_like_roundf() -> None:
+    """Halves away from zero, and nothing below a half up (0.49999997 is not 0.5)."""
+    below_half = torch.nextafter(torch.tensor(0.5), torch.tensor(0.0)).item()
+    values = torch.tensor([[127.0, 0.5, -0.5, 2.5, -2.5, below_half, -below_half] + [0.0] * 25])
+    assert quantize(values, "q8_0").qs[0, :7].tolist() == [127, 1, -1, 3, -3, 0, 0]
+
+
 def test_dequantizing_some_rows_equals_those_rows() -> None:
     blocks = quantize(_weight(30, 64, 2), "q8_0")
     rows = torch.tensor([3, 0, 29, 3])
@@ -94,4 +112,8 @@ def test_block_kernels_refuse_bad_arguments_clearly() -> None:
         kernel.q8_0_linear(torch.zeros(2, 64), torch.zeros(8, 64, dtype=torch.int8), q4.scales[:4].contiguous())
     with pytest.raises(RuntimeError, match="mins must be like the scales"):
         kernel.q4_1_linear(torch.zeros(2, 64), q4.qs, q4.scales, q4.scales[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="tensors must be on the CPU"):
+        kernel.q4_1_linear(torch.zeros(2, 64), q4.qs.to("meta"), q4.scales, q4.mins)
+    with pytest.raises(RuntimeError, match="lora_delta needs tensors on the CPU"):
+        kernel.lora_delta(*(torch.zeros(1, 1, device="meta") for _ in range(4)), torch.zeros(1, 5), torch.zeros(1, 3))
     assert isinstance(q4, Blocks)

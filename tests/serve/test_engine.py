@@ -326,6 +326,30 @@ def test_packed_formats_for_bf16_weights_are_refused_clearly(tiny_model_dir: Pat
         LlamaRunner(model, max_slots=2, weight_format=weight_format)
 
 
+@NATIVE
+def test_gguf_projections_with_a_head_of_another_format(gguf_model_dir: Path, tmp_path: Path) -> None:
+    """GGUF files often keep the output head in a format of their own: the projections are still
+    served from blocks, the head from the fallback format, the embedding in exact float32."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(shutil.copytree(gguf_model_dir, tmp_path / "other-head"))
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["model.embed_tokens.weight"] += 1e-3 * torch.randn_like(weights["model.embed_tokens.weight"])
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    runner = _runner(model_dir)
+    assert runner.weight_format == "gguf" and isinstance(runner.layers[0].qkv, Blocks)
+    assert not isinstance(runner.lm_head, Blocks) and isinstance(runner.embed, torch.Tensor)
+    assert runner.embed.dtype == torch.float32
+    tokens = list(range(7, 40))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(str(model_dir))(torch.tensor([tokens])).logits[0]
+    head_rounding = {"fp16": 1e-3}.get(resolve_weight_format("auto", torch.float32), 1e-4)
+    assert (runner.prefill(0, tokens, None, all_logits=True) - expected).abs().max() < head_rounding
+
+
 def test_without_native_kernels_gguf_weights_get_the_next_format(
     gguf_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

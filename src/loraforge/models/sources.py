@@ -106,12 +106,16 @@ def resolve_base_model(name_or_dir: str, cache_dir: Path) -> BaseModel:
     if path.is_dir():
         return _resolve_local(path.resolve(), name_or_dir)
     if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) != GGUF_MAGIC:
-                raise ModelError(
-                    f"{path} is not a GGUF file (it does not start with 'GGUF'); a base model is a packaged name,"
-                    " a .gguf file or a Hugging Face model directory"
-                )
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ModelError(f"cannot read the base model file {path}: {e.strerror or e}") from e
+        if magic != GGUF_MAGIC:
+            raise ModelError(
+                f"{path} is not a GGUF file (it does not start with 'GGUF'); a base model is a packaged name,"
+                " a .gguf file or a Hugging Face model directory"
+            )
         return _resolve_gguf(path.resolve(), name_or_dir, cache_dir, "gguf-file")
     known = ", ".join(PACKAGED_MODELS)
     raise ModelError(
@@ -135,7 +139,7 @@ def _resolve_packaged(name: str, spec: _Packaged, cache_dir: Path) -> BaseModel:
 
 
 def _resolve_gguf(gguf: Path, name: str, cache_dir: Path, source: str) -> BaseModel:
-    digest = sha256_file(gguf)
+    digest = _hash_gguf(gguf, cache_dir)
     target = cache_dir / digest[:16]
     if not (target / "loraforge_source.json").is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +150,29 @@ def _resolve_gguf(gguf: Path, name: str, cache_dir: Path, source: str) -> BaseMo
                 remove_stale_temporaries(cache_dir, target.name)
                 _dequantize(gguf, target, name, digest)
     return BaseModel(name=name, path=target, sha256=digest, source=source)
+
+
+def _hash_gguf(gguf: Path, cache_dir: Path) -> str:
+    """sha256 of a GGUF file, remembered in the cache by path, size and mtime (files are GBs)."""
+    memo = cache_dir / ".gguf_sha256.json"
+    stat = gguf.stat()
+    key = [stat.st_size, stat.st_mtime_ns]
+    try:
+        saved = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    entry = saved.get(str(gguf)) if isinstance(saved, dict) else None
+    if isinstance(entry, dict) and entry.get("key") == key:
+        return str(entry["sha256"])
+    digest = sha256_file(gguf)
+    saved = saved if isinstance(saved, dict) else {}
+    saved[str(gguf)] = {"key": key, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache is fine: we just hash again next time
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(saved))
+        tmp.replace(memo)
+    return digest
 
 
 def _dequantize(gguf: Path, target: Path, name: str, digest: str) -> None:
@@ -160,8 +187,8 @@ def _dequantize(gguf: Path, target: Path, name: str, digest: str) -> None:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # the reader fails in many ways on files it cannot read
         raise ModelError(
-            f"cannot load {gguf} with transformers' GGUF reader ({type(e).__name__}: {e}); it reads the"
-            " architectures and quantization types listed in transformers' GGUF documentation"
+            f"cannot load the model or tokenizer of {gguf} with transformers' GGUF reader ({type(e).__name__}: {e});"
+            " it reads the architectures and quantization types listed in transformers' GGUF documentation"
         ) from e
     # A GGUF-loaded model keeps a quantization marker that makes save_pretrained refuse to save.
     m: Any = model

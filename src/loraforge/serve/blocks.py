@@ -25,7 +25,7 @@ BLOCK = 32
 KINDS = ("q4_1", "q8_0")  # tried in this order: the smaller format first
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Blocks:
     """One weight (N, K) in a block format (``mins`` only for Q4_1)."""
 
@@ -68,7 +68,8 @@ def quantize(weight: torch.Tensor, kind: str) -> Blocks:
     d = b.abs().amax(-1) / 127
     inverse = torch.where(d != 0, 1 / d, torch.zeros_like(d))
     scaled = b * inverse[..., None]
-    q = (scaled.sign() * (scaled.abs() + 0.5).floor()).clamp(-127, 127)  # roundf: halves away from 0
+    whole = scaled.trunc()  # roundf: to the nearest integer, halves away from zero
+    q = (whole + scaled.sign() * ((scaled - whole).abs() >= 0.5)).clamp(-127, 127)
     q = q.to(torch.int8).reshape(rows, cols)
     return Blocks(kind, q.contiguous(), d.half().contiguous(), None)
 
@@ -93,8 +94,9 @@ def exact_blocks(weight: torch.Tensor) -> Blocks | None:
     """``weight`` in the smallest block format that gives back exactly its values, or ``None``."""
     if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % BLOCK:
         return None
+    bits = weight.contiguous().view(torch.int32)  # bit for bit: -0.0 is not 0.0, a NaN never matches
     for kind in KINDS:
         blocks = quantize(weight, kind)
-        if torch.equal(dequantize(blocks), weight):
+        if torch.equal(dequantize(blocks).view(torch.int32), bits):
             return blocks
     return None

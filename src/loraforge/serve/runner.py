@@ -301,21 +301,23 @@ class LlamaRunner:
     def _hold_weights(self, choice: str, fallback: str, tied: bool, max_slots: int) -> str:
         """Replace the row-major projections and head with the format for ``choice``; returns it.
 
-        The head is tied to the embedding in many small models, so the embedding stays for the
-        lookup: the head's blocks when tied, else in fp16 with fp16 weights (a looked-up row is
-        widened back to the activations' dtype).
+        With ``gguf`` the head is held as blocks too where it is block-valued, else in ``fallback``
+        (GGUF files often keep it in a format of their own). The head is tied to the embedding in
+        many small models, so the embedding stays for the lookup: the head's blocks when tied,
+        else in fp16 with fp16 weights (a looked-up row is widened back to the activations' dtype).
         """
         if choice in ("auto", "gguf"):
             found = self._exact_blocks()
             if not isinstance(found, str):
-                layers, self.lm_head = found
-                for layer, held in zip(self.layers, layers, strict=True):
-                    for name, weight in held.items():
+                layers, head = found
+                for layer, blocks in zip(self.layers, layers, strict=True):
+                    for name, weight in blocks.items():
                         setattr(layer, name, weight)
-                if tied:
-                    self.embed = self.lm_head
-                elif isinstance(self.embed, torch.Tensor):
-                    self.embed = exact_blocks(self.embed) or self.embed
+                self.lm_head = head if head is not None else _pack(self.lm_head, fallback, max_slots)
+                if tied and head is not None:
+                    self.embed = head
+                elif not tied and isinstance(self.embed, torch.Tensor):
+                    self.embed = exact_blocks(self.embed) or self.embed  # else float32: its exact values
                 return "gguf"
             if choice == "gguf":
                 raise ModelError(f"the gguf weight format cannot hold this model: {found}; use weight_format: auto")
@@ -327,8 +329,9 @@ class LlamaRunner:
             self.embed = self.embed.half()
         return fallback
 
-    def _exact_blocks(self) -> tuple[list[dict[str, Blocks]], Blocks] | str:
-        """Every projection (per layer) and the head as exact blocks, or why they cannot be."""
+    def _exact_blocks(self) -> tuple[list[dict[str, Blocks]], Blocks | None] | str:
+        """Every projection (per layer) as exact blocks, and the head where it is block-valued;
+        or why the projections cannot be."""
         if self.dtype != torch.float32:
             return f"it needs float32 weights; these are {self.dtype}"
         layers: list[dict[str, Blocks]] = []
@@ -339,15 +342,12 @@ class LlamaRunner:
                 if blocks is None:
                     return f"layer {i}'s {name} weights are not Q4_1 or Q8_0 values (as a GGUF file's are)"
                 layers[-1][name] = blocks
-        head = exact_blocks(self.lm_head)
-        if head is None:
-            return "the output head's weights are not Q4_1 or Q8_0 values (as a GGUF file's are)"
         if load_kernels() is None:  # built only for block-exact weights
             return (
                 "it needs the native kernels, which need an x86 CPU with AVX2 (this one:"
                 f" {torch.backends.cpu.get_cpu_capability()}), g++ and ninja (see the log)"
             )
-        return layers, head
+        return layers, exact_blocks(self.lm_head)
 
     # -- the KV pool --------------------------------------------------------------------------
 

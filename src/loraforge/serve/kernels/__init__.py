@@ -100,7 +100,8 @@ def _lora_agrees(module: Any) -> bool:
 
 
 def _blocks_agree(module: Any) -> bool:
-    """Both block formats, for 1, 3 and 7 rows (each of the kernel's paths), against dequantized weights."""
+    """Both block formats, for 1, 3 and 7 rows (each of the kernel's paths) against dequantized
+    weights, and the native dequantization (for long prompts) bit for bit."""
     from loraforge.serve.blocks import KINDS, dequantize, quantize
 
     g = torch.Generator().manual_seed(1)
@@ -116,4 +117,9 @@ def _blocks_agree(module: Any) -> bool:
                 got = module.q8_0_linear(x, blocks.qs, blocks.scales)
             if not torch.allclose(got, x @ exact.t(), atol=1e-4, rtol=1e-4):
                 return False
+        out = torch.empty_like(exact)
+        mins = blocks.mins if blocks.mins is not None else torch.empty(0, dtype=torch.float16)
+        module.dequantize_blocks(blocks.qs, blocks.scales, mins, out)
+        if not torch.equal(out, exact):
+            return False
     return True

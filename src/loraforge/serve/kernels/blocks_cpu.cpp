@@ -19,6 +19,7 @@
 #include "simd.h"
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -42,10 +43,11 @@ struct Codes {
 inline Codes q4_codes(const uint8_t* block) {
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   const __m256i nibble = _mm256_set1_epi32(0x0f);
-  const auto* words = reinterpret_cast<const int32_t*>(block);
   Codes c;
   for (int j = 0; j < 4; ++j) {
-    c.w[j] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(words[j]), shifts), nibble));
+    // _mm_loadu_si32 may read any bytes (no aliasing of the buffer as int32); the broadcast folds it in.
+    const __m256i word = _mm256_broadcastd_epi32(_mm_loadu_si32(block + 4 * j));
+    c.w[j] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), nibble));
   }
   return c;
 }
@@ -141,6 +143,8 @@ void fused_rows(const float* x, const float* xsum, const void* qs, const at::Hal
 
 void check(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d, int64_t codes_per_row,
            at::ScalarType code_type, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu() && d.device().is_cpu(), name,
+              ": tensors must be on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               name, ": x must be a contiguous (M, K) float32 tensor");
   const int64_t K = x.size(1), N = qs.size(0);
@@ -152,10 +156,10 @@ void check(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor&
               name, ": scales must be a contiguous (N, K/32) float16 tensor");
 }
 
-// x in the codes' lane order (Q4_1; Q8_0 codes are in order), and each block's sum for Q4_1.
-std::vector<float> lane_order(const float* x, int64_t count, bool q4, std::vector<float>* xsum) {
-  std::vector<float> out(x, x + count * kBlock);
-  if (!q4) return out;
+// x in the codes' lane order, and each block's sum (Q4_1 only: Q8_0 codes are in order, and x is
+// used as it is).
+std::vector<float> lane_order(const float* x, int64_t count, std::vector<float>* xsum) {
+  std::vector<float> out(count * kBlock);
   xsum->resize(count);
   for (int64_t b = 0; b < count; ++b) {
     const float* src = x + b * kBlock;
@@ -174,9 +178,9 @@ torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& qs, cons
                            const torch::Tensor& mins) {
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   auto y = torch::empty({M, N}, x.options());
-  std::vector<float> xsum;
-  const std::vector<float> xl = lane_order(x.data_ptr<float>(), M * K / kBlock, Q4, &xsum);
-  const float* xp = xl.data();
+  std::vector<float> xsum, xl;
+  if (Q4) xl = lane_order(x.data_ptr<float>(), M * K / kBlock, &xsum);
+  const float* xp = Q4 ? xl.data() : x.data_ptr<float>();
   const float* xs = xsum.data();
   const void* qp = qs.data_ptr();
   const at::Half* dp = d.data_ptr<at::Half>();
@@ -242,7 +246,7 @@ void dequantize_rows(const void* qs, const at::Half* d, const at::Half* mins, in
 // x (M, K) f32 @ W.T for W in Q4_1 blocks: qs (N, K/2) uint8, d and m (N, K/32) f16 → (M, N) f32.
 torch::Tensor q4_1_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m) {
   check(x, qs, d, x.size(1) / 2, at::kByte, "q4_1_linear");
-  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf && m.is_contiguous(),
+  TORCH_CHECK(m.device().is_cpu() && m.sizes() == d.sizes() && m.scalar_type() == at::kHalf && m.is_contiguous(),
               "q4_1_linear: mins must be like the scales");
   return block_linear<true>(x, qs, d, m);
 }
@@ -260,7 +264,8 @@ void dequantize_blocks(torch::Tensor qs, torch::Tensor d, torch::Tensor mins, to
   TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == K && out.scalar_type() == at::kFloat &&
                   out.is_contiguous(), "dequantize_blocks: out must be a contiguous (N, K) float32 tensor");
   check(out, qs, d, q4 ? K / 2 : K, q4 ? at::kByte : at::kChar, "dequantize_blocks");
-  TORCH_CHECK(!q4 || (mins.sizes() == d.sizes() && mins.scalar_type() == at::kHalf && mins.is_contiguous()),
+  TORCH_CHECK(!q4 || (mins.device().is_cpu() && mins.sizes() == d.sizes() && mins.scalar_type() == at::kHalf &&
+                      mins.is_contiguous()),
               "dequantize_blocks: mins must be like the scales");
   const void* qp = qs.data_ptr();
   const at::Half* dp = d.data_ptr<at::Half>();

@@ -113,6 +113,9 @@ constexpr int64_t kColumnBlock = 64;
 // the part's block in b; segments (G, 3) int64: start, end, adapter index s.
 void lora_delta(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor parts,
                 torch::Tensor segments) {
+  TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu() &&
+                  parts.device().is_cpu() && segments.device().is_cpu(),
+              "lora_delta needs tensors on the CPU");
   TORCH_CHECK(out.is_contiguous() && x.is_contiguous() && a.is_contiguous() && b.is_contiguous(),
               "lora_delta needs contiguous tensors");
   TORCH_CHECK(out.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat, "lora_delta needs fp32 activations");

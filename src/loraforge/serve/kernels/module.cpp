@@ -7,9 +7,11 @@ torch::Tensor q4_1_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, to
 torch::Tensor q8_0_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d);
 void dequantize_blocks(torch::Tensor qs, torch::Tensor d, torch::Tensor mins, torch::Tensor out);
 
+// The kernels release the GIL: the engine's thread computes while the server's threads go on.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_delta", &lora_delta, "every adapter of a decode step on one projection, in place");
-  m.def("q4_1_linear", &q4_1_linear, "x @ W.T with W in Q4_1 blocks (see blocks_cpu.cpp)");
-  m.def("q8_0_linear", &q8_0_linear, "x @ W.T with W in Q8_0 blocks");
-  m.def("dequantize_blocks", &dequantize_blocks, "Q4_1 or Q8_0 blocks to float32, into out");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("lora_delta", &lora_delta, release(), "every adapter of a decode step on one projection, in place");
+  m.def("q4_1_linear", &q4_1_linear, release(), "x @ W.T with W in Q4_1 blocks (see blocks_cpu.cpp)");
+  m.def("q8_0_linear", &q8_0_linear, release(), "x @ W.T with W in Q8_0 blocks");
+  m.def("dequantize_blocks", &dequantize_blocks, release(), "Q4_1 or Q8_0 blocks to float32, into out");
 }
