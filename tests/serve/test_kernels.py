@@ -14,7 +14,7 @@ def test_the_kernel_builds_wherever_it_is_supported() -> None:
     """On an x86 CPU with AVX2 (every CI machine) a failed build must fail the suite, not skip it."""
     if not native_supported():
         pytest.skip("not an x86 CPU with AVX2")
-    assert load_kernels() is not None, "the native LoRA kernel did not build: see the warning logged above"
+    assert load_kernels() is not None, "the native kernels did not build: see the warning logged above"
 
 
 CASES = [
@@ -73,3 +73,33 @@ def test_kernel_refuses_bad_arguments_clearly() -> None:
         kernel.lora_delta(out, x, a, b, torch.tensor([[0, 2, 8, 16, 0]]), segments)  # columns past the output
     with pytest.raises(RuntimeError, match="part is out of range"):
         kernel.lora_delta(out, x, a, b, torch.tensor([[0, 2, 0, 16, 8]]), segments)  # past the end of b
+
+
+@NATIVE
+@pytest.mark.parametrize("rows", [1, 3, 15, 16, 40])
+@pytest.mark.parametrize("hidden", [64, 76, 576])
+def test_native_norms_equal_pytorchs(rows: int, hidden: int) -> None:
+    """One row to a prompt's worth (the pool's path from 16 rows), hidden sizes with a tail of 8."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(rows * hidden)
+    h, d = torch.randn(rows, hidden, generator=g) * 3, torch.randn(rows, hidden, generator=g)
+    w = torch.randn(hidden, generator=g)
+    kernel = load_kernels()
+    expected = F.rms_norm(h + d, (hidden,), w, 1e-5)
+    torch.testing.assert_close(kernel.rms_norm(h + d, w, 1e-5), expected, atol=1e-5, rtol=1e-5)
+    residual = h.clone()
+    got = kernel.add_rms_norm(residual, d, w, 1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(residual, h + d, atol=0, rtol=0)  # the residual stream is updated in place
+
+
+@NATIVE
+def test_native_norms_refuse_bad_arguments_clearly() -> None:
+    kernel = load_kernels()
+    with pytest.raises(RuntimeError, match="the weight must be a contiguous"):
+        kernel.rms_norm(torch.zeros(2, 8), torch.zeros(9), 1e-5)
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        kernel.rms_norm(torch.zeros(8, 2).t(), torch.zeros(8), 1e-5)
+    with pytest.raises(RuntimeError, match="the added tensor must be like x"):
+        kernel.add_rms_norm(torch.zeros(2, 8), torch.zeros(3, 8), torch.zeros(8), 1e-5)

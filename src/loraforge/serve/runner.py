@@ -252,6 +252,8 @@ class LlamaRunner:
         self.dtype = next(model.parameters()).dtype
         fallback = resolve_weight_format(weight_format, self.dtype)  # refuses an unknown format first
         self.kernel = _resolve_lora_kernel(lora_kernel, self.dtype)
+        # The native norms (kernels/norm_cpu.cpp) wherever the kernels build, for float32 models.
+        self.native: Any = load_kernels() if self.dtype == torch.float32 and native_supported() else None
         inner = model.model
         with torch.no_grad():
             self.embed: torch.Tensor | Blocks = inner.embed_tokens.weight.detach()
@@ -597,8 +599,9 @@ class LlamaRunner:
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, D) against (N, heads, D)
         half = d // 2
+        down: torch.Tensor | None = None  # the previous layer's output, added to h by the next norm
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
+            x = self._norm(h, down, layer.ln1)
             qkv = linear(x, layer.qkv, layer.qkv_bias)
             delta(qkv, x, i, "qkv")
             qkv = qkv.view(n, nq + 2 * nkv, d)
@@ -607,16 +610,26 @@ class LlamaRunner:
             att = attend(i, qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv :])
             o = linear(att, layer.o)
             delta(o, att, i, "o")
-            h = h + o
-            x = F.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
+            x = self._norm(h, o, layer.ln2)
             gu = linear(x, layer.gu)
             delta(gu, x, i, "gu")
             gate, up = gu.chunk(2, dim=-1)
             m = F.silu(gate).mul_(up)
             down = linear(m, layer.down)
             delta(down, m, i, "down")
-            h = h + down
-        return F.rms_norm(h, (self.hidden,), self.norm, self.eps)
+        return self._norm(h, down, self.norm)
+
+    def _norm(self, h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """``h += residual`` (in place: ``h`` is the layers' own residual stream), then RMSNorm."""
+        if self.native is not None:
+            if residual is None:
+                out: torch.Tensor = self.native.rms_norm(h, weight, self.eps)
+                return out
+            out = self.native.add_rms_norm(h, residual, weight, self.eps)
+            return out
+        if residual is not None:
+            h.add_(residual)
+        return F.rms_norm(h, (self.hidden,), weight, self.eps)
 
 
 class _PerSegment:

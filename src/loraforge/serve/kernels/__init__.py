@@ -4,6 +4,7 @@
   one call.
 - ``blocks_cpu.cpp``: ``q4_1_linear`` and ``q8_0_linear`` multiply float32 activations with
   weights held in GGUF's block formats (see ``loraforge.serve.blocks``).
+- ``norm_cpu.cpp``: ``rms_norm`` and ``add_rms_norm`` (residual add + RMSNorm) in one call each.
 
 They are compiled together with ``module.cpp``, their Python bindings, as one module, by
 PyTorch's ``cpp_extension`` (g++ and ninja, for x86 CPUs with AVX2, FMA and F16C) into PyTorch's
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 log = logging.getLogger("loraforge.serve")
-SOURCES = [Path(__file__).with_name(name) for name in ("lora_cpu.cpp", "blocks_cpu.cpp", "module.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("lora_cpu.cpp", "blocks_cpu.cpp", "norm_cpu.cpp", "module.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]
 # at::parallel_for is OpenMP inside PyTorch's headers. Linked with -fopenmp, the kernel asks for
 # libgomp.so.1, which PyTorch has already loaded: one OpenMP pool in the process, not two.
@@ -59,7 +60,7 @@ def load_kernels() -> Any | None:
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
-            if not (_lora_agrees(module) and _blocks_agree(module)):
+            if not (_lora_agrees(module) and _blocks_agree(module) and _norm_agrees(module)):
                 log.warning("the native kernels disagree with PyTorch here; using PyTorch operations")
                 module = None
         except Exception as e:  # no compiler, no ninja, a build error: serve without it
@@ -121,5 +122,21 @@ def _blocks_agree(module: Any) -> bool:
         mins = blocks.mins if blocks.mins is not None else torch.empty(0, dtype=torch.float16)
         module.dequantize_blocks(blocks.qs, blocks.scales, mins, out)
         if not torch.equal(out, exact):
+            return False
+    return True
+
+
+def _norm_agrees(module: Any) -> bool:
+    """Both norms, for a decode-sized and a prompt-sized batch with a tail of columns, against PyTorch's."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(2)
+    for rows in (3, 40):
+        h, d, w = (torch.randn(rows, 76, generator=g) for _ in range(3))
+        w = w[0].contiguous()
+        expected = F.rms_norm(h + d, (76,), w, 1e-5)
+        if not torch.allclose(module.rms_norm(h + d, w, 1e-5), expected, atol=1e-5, rtol=1e-5):
+            return False
+        if not torch.allclose(module.add_rms_norm(h, d, w, 1e-5), expected, atol=1e-5, rtol=1e-5):
             return False
     return True
