@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,7 +73,7 @@ class BaseModel:
         if self.source == "local-dir":
             return self.path.name
         if self.source == "gguf-file":
-            return Path(self.name).name.removesuffix(".gguf").removesuffix(".GGUF")
+            return Path(self.name).stem
         return self.name
 
     def to_json(self) -> dict[str, str]:
@@ -154,21 +155,26 @@ def _resolve_gguf(gguf: Path, name: str, cache_dir: Path, source: str) -> BaseMo
 
 def _hash_gguf(gguf: Path, cache_dir: Path) -> str:
     """sha256 of a GGUF file, remembered in the cache by path, size and mtime (files are GBs)."""
-    memo = cache_dir / ".gguf_sha256.json"
     stat = gguf.stat()
     key = [stat.st_size, stat.st_mtime_ns]
+    return _remembered(cache_dir / ".gguf_sha256.json", str(gguf), key, lambda: sha256_file(gguf))
+
+
+def _remembered(memo: Path, entry: str, key: object, compute: Callable[[], str]) -> str:
+    """``compute()``, or what it gave last time for ``entry`` in the JSON file ``memo`` while ``key``
+    (sizes and mtimes) is unchanged. A read-only location is fine: it is computed again next time."""
     try:
         saved = json.loads(memo.read_text())
     except (OSError, ValueError):
         saved = {}
-    entry = saved.get(str(gguf)) if isinstance(saved, dict) else None
-    if isinstance(entry, dict) and entry.get("key") == key:
-        return str(entry["sha256"])
-    digest = sha256_file(gguf)
     saved = saved if isinstance(saved, dict) else {}
-    saved[str(gguf)] = {"key": key, "sha256": digest}
-    with contextlib.suppress(OSError):  # a read-only cache is fine: we just hash again next time
-        cache_dir.mkdir(parents=True, exist_ok=True)
+    found = saved.get(entry)
+    if isinstance(found, dict) and found.get("key") == key:
+        return str(found["sha256"])
+    digest = compute()
+    saved[entry] = {"key": key, "sha256": digest}
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(saved))
         tmp.replace(memo)
@@ -225,22 +231,15 @@ def _resolve_local(path: Path, name: str) -> BaseModel:
 def _hash_local(path: Path, weights: list[Path]) -> str:
     """Hash config and weights; remembered in ``.loraforge_sha256.json`` keyed by size and mtime."""
     files = [path / "config.json", *weights]
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
+        return h.hexdigest()
+
     key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo = path / ".loraforge_sha256.json"
-    try:
-        saved = json.loads(memo.read_text())
-        if saved.get("key") == key:
-            return str(saved["sha256"])
-    except (OSError, ValueError):
-        pass
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
-    digest = h.hexdigest()
-    # a read-only model directory is fine: we just hash again next time
-    with contextlib.suppress(OSError):
-        memo.write_text(json.dumps({"key": key, "sha256": digest}))
-    return digest
+    return _remembered(path / ".loraforge_sha256.json", "weights", key, compute)
 
 
 def load_tokenizer(model: BaseModel) -> PreTrainedTokenizerBase:

@@ -253,7 +253,7 @@ class LlamaRunner:
         fallback = resolve_weight_format(weight_format, self.dtype)  # refuses an unknown format first
         self.kernel = _resolve_lora_kernel(lora_kernel, self.dtype)
         # The native norms (kernels/norm_cpu.cpp) wherever the kernels build, for float32 models.
-        self.native: Any = load_kernels() if self.dtype == torch.float32 and native_supported() else None
+        self.native: Any = load_kernels() if self.dtype == torch.float32 else None
         inner = model.model
         with torch.no_grad():
             self.embed: torch.Tensor | Blocks = inner.embed_tokens.weight.detach()
