@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from loraforge.data.licensing import LicenseReport
+from loraforge.data.licensing import LicenseReport, self_attested
 from loraforge.data.validate import DataReport
 from loraforge.train.estimate import Figures
 from loraforge.train.loop import Reporter, TrainResult
@@ -67,6 +67,8 @@ def show_licensing(console: Console, report: LicenseReport) -> None:
         verdict = f"[{colour}]{d.verdict}[/] ({escape(d.rule)})"
         if d.cleared_by:
             verdict += f", cleared by {escape(d.cleared_by)}"
+            if s.approved_by and self_attested(s.approved_by, s.owner):
+                verdict += " [yellow](self-attested: the data's own owner or no named approver)[/]"
         table.add_row(
             escape(s.label),
             s.license,
@@ -183,3 +185,6 @@ class RichReporter(Reporter):
         self.console.print(f"manifest: {result.output / 'manifest.json'}")
         self.console.print(f"metrics:  {result.output / 'metrics.jsonl'}")
         self.console.print(f"plot:     {result.output / 'loss.png'}")
+        codes = [f["flag"] for f in result.manifest.get("governance_flags", [])]
+        if codes:
+            self.console.print(f"[yellow]governance flags[/]: {', '.join(codes)} (details in manifest.json)")

@@ -122,8 +122,11 @@ def run(console: Console) -> int:
     console.print(f"loss curve:      {output / 'loss.png'}")
     console.print(f"datasheet:       {datasheet}")
     verdict = evaluation.verdict
-    colour = "green" if verdict.passed else "red"
-    console.print(f"release gate:    [bold {colour}]{verdict.word}[/] ({len(verdict.failures)} rule(s) broken)")
+    colour = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}[verdict.word]
+    console.print(
+        f"release gate:    [bold {colour}]{verdict.word}[/] ({len(verdict.failures)} rule(s) broken, "
+        f"{len(verdict.inconclusive)} inconclusive)"
+    )
     console.print(f"evaluation:      {evaluation.html_path}")
     lic = manifest["licensing"]
     decisions = ", ".join(f"{d['source']}: {d['license']} → {d['verdict']}" for d in lic["decisions"])

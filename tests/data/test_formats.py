@@ -177,3 +177,62 @@ def test_directory_long_csv_fields_and_deep_json(tmp_path: Path) -> None:
     assert not ok.problems and ok.examples[0].messages[1].content == long
     deep = load_dataset(_write(tmp_path, "deep.jsonl", "[" * 100_000 + "\n"))
     assert [p.code for p in deep.errors] == ["invalid_json"]
+
+
+# --- encodings and line endings: the real line, the byte within it, and every other line checked ---------------
+
+
+def _chat_line(i: int, answer: str) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": answer}]})
+
+
+def _alpaca_line(i: int, answer: str) -> str:
+    return json.dumps({"instruction": f"q{i}", "output": answer}) + ","
+
+
+def _csv_line(i: int, answer: str) -> str:
+    return f'"q{i}","{answer}"'
+
+
+# (file name, lines before the records, one record on one line, lines after them)
+LAYOUTS = [
+    ("d.jsonl", [], _chat_line, []),
+    ("d.json", ["["], _alpaca_line, ['{"instruction": "last", "output": "x"}]']),
+    ("d.csv", ["user,assistant"], _csv_line, []),
+]
+ENDINGS = [("LF", "\n"), ("CRLF", "\r\n"), ("CR", "\r")]
+
+
+@pytest.mark.parametrize(("name", "head", "record", "tail"), LAYOUTS)
+@pytest.mark.parametrize(("ending", "newline"), ENDINGS)
+def test_invalid_utf8_is_reported_at_its_real_line_and_the_rest_is_checked(
+    tmp_path: Path, name: str, head: list[str], record, tail: list[str], ending: str, newline: str
+) -> None:  # type: ignore[no-untyped-def]
+    lines = list(head)
+    while len(lines) < 35:
+        n = len(lines) + 1  # the line this record will be on; the one on line 28 has an empty answer
+        lines.append(record(n, "" if n == 28 else f"answer {n}"))
+    lines += tail
+    raw = [line.encode() for line in lines]
+    raw[25] = raw[25].replace(b"answer", b"r\xe9ponse")  # line 26: an "é" saved as Latin-1
+    offset = raw[25].index(b"\xe9") + 1
+    result = load_dataset(_write(tmp_path, name, newline.encode().join(raw) + newline.encode()))
+    assert [(p.line, p.code) for p in result.errors] == [(26, "invalid_utf8"), (28, "missing_content")], ending
+    assert f"invalid UTF-8 at byte {offset} of the line (0xE9)" in result.errors[0].message
+    records = range(len(head) + 1, len(lines) + 1)
+    assert [ex.line for ex in result.examples] == [n for n in records if n not in (26, 28)]
+
+
+@pytest.mark.parametrize(("ending", "newline"), ENDINGS)
+def test_csv_record_over_several_lines_is_reported_where_it_starts(tmp_path: Path, ending: str, newline: str) -> None:
+    rows = ["user,assistant", '"a question","an answer"', f'"a question{newline}over two lines",""', '"q","a"']
+    result = load_dataset(_write(tmp_path, "m.csv", newline.join(rows).encode()))
+    assert [(p.line, p.code) for p in result.errors] == [(3, "missing_content")], ending
+    assert [ex.line for ex in result.examples] == [2, 5]
+
+
+def test_utf16_file_is_refused_with_the_reason(tmp_path: Path) -> None:
+    text = _chat_line(1, "hello") + "\n"
+    result = load_dataset(_write(tmp_path, "u16.jsonl", text.encode("utf-16")))
+    assert [(p.line, p.code) for p in result.errors] == [(0, "invalid_utf8")]
+    assert "UTF-16" in result.errors[0].message

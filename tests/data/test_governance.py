@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from loraforge.data.dedup import find_contamination, find_duplicates
 from loraforge.data.formats import Example, Message
-from loraforge.data.governance import make_canaries, prepare_training_examples
+from loraforge.data.governance import (
+    FLAG_CODES,
+    flags_from_evidence,
+    governance_flags,
+    make_canaries,
+    prepare_training_examples,
+)
+from loraforge.data.licensing import DEFAULT_POLICY, check_licensing, manifest_path_for
+from loraforge.data.pii import PiiAction
+from loraforge.errors import DataError
 from tests.conftest import chat
 
 
@@ -135,3 +147,211 @@ def test_cleaned_split_evidence_names_the_contaminated_examples() -> None:
     contamination = evidence["contamination"]
     assert contamination["removed_from_validation"] == 2
     assert sorted(e["validation"] for e in contamination["examples"]) == ["d.jsonl:11", "d.jsonl:12"]
+
+
+# --- secrets are redacted at training time whatever the PII action, unless allow_secrets ----------------------
+
+OPENAI_KEY = "sk-proj-" + "Q7w9Xk2Lm4Pz8Rt6Yb3Nc5Vd1Hf0Gj"  # the shape secrets_scan knows; not a real key
+
+
+def _with_secret() -> list[Example]:
+    train = [_ex(u, a, i + 1) for i, (u, a) in enumerate(BASE)]
+    train.append(_ex(f"My key is {OPENAI_KEY}, mail me at maria@example.com", "Thanks, I will rotate it.", 5))
+    return train
+
+
+SECRET_CASES = [
+    # (pii action, allow_secrets, key still in the data, email still in the data, examples kept, handling, redacted)
+    ("report", False, False, True, 5, "redacted", 1),
+    ("report", True, True, True, 5, "kept", 0),
+    ("redact", False, False, False, 5, "redacted", 1),
+    ("redact", True, False, False, 5, "redacted", 1),
+    ("drop", False, False, False, 4, "dropped", 0),
+    ("drop", True, False, False, 4, "dropped", 0),
+]
+
+
+@pytest.mark.parametrize(("pii", "allow", "key_kept", "email_kept", "n", "handling", "redacted"), SECRET_CASES)
+def test_secrets_are_redacted_unless_allowed(
+    pii: PiiAction, allow: bool, key_kept: bool, email_kept: bool, n: int, handling: str, redacted: int
+) -> None:
+    validation = [_ex(f"Use {OPENAI_KEY} for the API", "Done.", 1), _ex("Hello", "Hi there.", 2)]
+    kept, val_kept, evidence = prepare_training_examples(
+        _with_secret(),
+        validation,
+        pii=pii,
+        dedupe="none",
+        threshold=0.8,
+        canaries=0,
+        canary_repeats=1,
+        seed=0,
+        allow_secrets=allow,
+    )
+    text = " ".join(m.content for ex in kept for m in ex.messages)
+    assert (OPENAI_KEY in text) is key_kept and ("maria@example.com" in text) is email_kept
+    assert len(kept) == n
+    if pii == "report" and not allow:
+        assert "My key is <SECRET_OPENAI_KEY_1>, mail me at maria@example.com" in text
+    val_text = " ".join(m.content for ex in val_kept or [] for m in ex.messages)
+    assert (OPENAI_KEY in val_text) is key_kept  # validation data is shown to the model too
+    assert evidence["secrets"] == {
+        "allow_secrets": allow,
+        "handling": handling,
+        "found": 1,
+        "redacted": redacted,
+        "examples_dropped": 1 if handling == "dropped" else 0,
+        "validation_found": 1,
+        "validation_redacted": redacted,
+    }
+    assert evidence["pii"]["pii"] == {"EMAIL": 1}  # personal data is reported in every mode
+
+
+# --- governance flags: one per exception taken, computed from the evidence a manifest holds -------------------
+
+
+def _licensing(
+    tmp_path: Path, manifest: str | None, policy: str | None = None, allow_unlicensed: bool = False
+) -> dict[str, Any]:
+    """The `licensing` evidence of a run, made by the real licence check."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    if manifest is not None:
+        manifest_path_for(data).write_text(manifest)
+    policy_path = None
+    if policy is not None:
+        policy_path = tmp_path / "policy.yaml"
+        policy_path.write_text(policy)
+    examples = [_ex("q", "a", 1)]
+    report = check_licensing([(data, examples)], policy=policy_path)
+    return {**report.to_json(), "allow_unlicensed": allow_unlicensed}
+
+
+def _evidence(allow_secrets: bool = False, secrets_found: int = 0) -> dict[str, Any]:
+    examples = [_ex(f"key {OPENAI_KEY}", "ok", 1)] if secrets_found else [_ex("q", "a", 1)]
+    *_, evidence = prepare_training_examples(
+        examples,
+        None,
+        pii="report",
+        dedupe="none",
+        threshold=0.8,
+        canaries=0,
+        canary_repeats=1,
+        seed=0,
+        allow_secrets=allow_secrets,
+    )
+    return evidence
+
+
+MIT = "sources:\n  - path: d.jsonl\n    license: MIT\n    owner: Brightpath Bikes\n    personal_data: false\n"
+NC = "sources:\n  - path: d.jsonl\n    license: CC-BY-NC-4.0\n    owner: Community forum\n    personal_data: true\n"
+
+FLAG_CASES = [
+    # (name, manifest, policy, allow_unlicensed, allow_secrets, secrets found, expected flags and words of the detail)
+    ("nothing taken", MIT, None, False, False, 0, []),
+    ("a secret redacted is no exception", MIT, None, False, False, 1, []),
+    (
+        "unlicensed",
+        None,
+        None,
+        True,
+        False,
+        0,
+        [("allow_unlicensed", "1 data file without a licence manifest, 1 record covered by no")],
+    ),
+    ("unlicensed, needlessly", MIT, None, True, False, 0, [("allow_unlicensed", "every record had a licence source")]),
+    ("secrets kept", MIT, None, False, True, 1, [("allow_secrets", "1 secret (API keys")]),
+    ("secrets allowed, none found", MIT, None, False, True, 0, [("allow_secrets", "no secret was found")]),
+    ("own policy", MIT, "allow: [MIT]\n", False, False, 0, [("non_default_policy", "not by loraforge's default")]),
+    (
+        "approved by the owner",
+        NC + "    approved_by: Community Forum\n    reason: we agree\n",
+        None,
+        False,
+        False,
+        0,
+        [("self_attested_approval", "by 'Community Forum'")],
+    ),
+    (
+        "approved by no one",
+        NC + "    approved_by: me\n    reason: fine\n",
+        None,
+        False,
+        False,
+        0,
+        [("self_attested_approval", "cleared by the data's own owner or by no named approver")],
+    ),
+    (
+        "approved by legal",
+        NC + "    approved_by: Dana Ruiz, legal\n    reason: research only\n",
+        None,
+        False,
+        False,
+        0,
+        [],
+    ),
+    (
+        "everything at once",
+        None,
+        "allow: [MIT]\n",
+        True,
+        True,
+        1,
+        [
+            ("allow_unlicensed", "--allow-unlicensed"),
+            ("allow_secrets", "--allow-secrets"),
+            ("non_default_policy", "policy"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "manifest", "policy", "unlicensed", "allow_secrets", "found", "expected"),
+    FLAG_CASES,
+    ids=[c[0] for c in FLAG_CASES],
+)
+def test_governance_flags_name_every_exception(
+    tmp_path: Path,
+    name: str,
+    manifest: str | None,
+    policy: str | None,
+    unlicensed: bool,
+    allow_secrets: bool,
+    found: int,
+    expected: list[tuple[str, str]],
+) -> None:
+    licensing = _licensing(tmp_path, manifest, policy, unlicensed)
+    flags = flags_from_evidence(licensing, _evidence(allow_secrets, found))
+    assert [f["flag"] for f in flags] == [code for code, _ in expected]
+    for f, (_, words) in zip(flags, expected, strict=True):
+        assert words in f["detail"] and f["detail"].endswith("."), f
+    assert set(FLAG_CODES) >= {f["flag"] for f in flags}
+    manifest_json = {
+        "licensing": licensing,
+        "data_governance": _evidence(allow_secrets, found),
+        "governance_flags": flags,
+    }
+    assert governance_flags(json.loads(json.dumps(manifest_json))) == flags
+
+
+def test_a_copy_of_the_default_policy_is_the_default(tmp_path: Path) -> None:
+    licensing = _licensing(tmp_path, MIT, DEFAULT_POLICY.read_text())
+    assert licensing["policy"]["default"] is True
+    assert flags_from_evidence(licensing, _evidence()) == []
+
+
+def test_old_manifests_get_flags_from_their_evidence(tmp_path: Path) -> None:
+    licensing = _licensing(tmp_path, None, "allow: [MIT]\n", allow_unlicensed=True)
+    del licensing["policy"]["default"]  # written before the record said
+    governance = _evidence(allow_secrets=True, secrets_found=1)
+    del governance["secrets"]  # trained before secrets were redacted by default: --pii report kept them
+    flags = governance_flags({"licensing": licensing, "data_governance": governance})
+    assert [f["flag"] for f in flags] == ["allow_unlicensed", "allow_secrets", "non_default_policy"]
+    assert "before loraforge redacted secrets by default" in flags[1]["detail"]
+    assert governance_flags({"kind": "loraforge.adapter"}) == []  # nothing to derive them from
+
+
+@pytest.mark.parametrize("bad", [[{"flag": "allow_secrets"}], "allow_secrets", [{"flag": 1, "detail": "x"}], ["x"]])
+def test_a_damaged_flag_list_is_an_error_not_silence(bad: object) -> None:
+    with pytest.raises(DataError, match="governance_flags must be a list"):
+        governance_flags({"governance_flags": bad})

@@ -357,3 +357,109 @@ def test_placeholders_and_prose_are_not_secrets(text: str) -> None:
 def test_entropy() -> None:
     assert shannon_entropy("aaaa") == 0.0
     assert shannon_entropy("abcd") == 2.0
+
+
+# --- shape + label is enough; a passing check raises confidence ---------------------------------------------------
+# (type, sentence with the label, a value of the exact shape that FAILS the type's check, what the value alone gives)
+LABELLED_INVALID = [
+    (
+        "US_SSN",
+        "my SSN is {v}",
+        "078-05-1120",
+        ["PHONE"],
+    ),  # Woolworth's wallet card: blocklisted, formatted like a phone
+    ("US_SSN", "SSN: {v}", "219-09-9999", []),  # blocklisted (an advertisement's number)
+    ("US_SSN", "Social Security number {v}", "457-55-5462", []),
+    ("US_SSN", "Mi número de seguro social es {v}.", "000-12-3456", []),  # area 000 is never issued
+    ("UK_NINO", "my NINO is {v}", "QQ 12 34 56 C", []),  # QQ: HMRC's example prefix
+    *[
+        ("UK_NINO", "National Insurance number: {v}", f"{prefix}123456A", [])
+        for prefix in ("BG", "GB", "NK", "KN", "TN", "NT", "ZZ")  # reserved prefixes
+    ],
+    ("UK_NINO", "NI number {v}", "DA 12 34 56 B", []),  # D is never a first letter
+    ("CREDIT_CARD", "card number {v}", "4111 1111 1111 1112", []),  # fails Luhn
+    ("CREDIT_CARD", "Bitte belasten Sie meine Kreditkarte {v}.", "5500-0055-5555-5550", []),
+    ("IBAN", "IBAN: {v}", "GB82WEST12345698765431", []),  # fails mod 97
+    ("IBAN", "IBAN {v}", "DE89 3704 0044 0532 0130 01", ["CREDIT_CARD"]),  # alone, its digits pass Luhn
+    ("IP_ADDRESS", "my IP is {v}", "300.1.2.3", []),
+    ("UK_NHS", "NHS number {v}", "9434765918", []),  # fails mod 11
+    ("DE_TAX_ID", "Steuer-ID: {v}", "01234567890", []),  # may not start with 0
+    ("FR_NIR", "numéro de sécurité sociale {v}", "1 85 05 78 006 084 99", []),  # wrong key
+    ("ES_DNI", "DNI {v}", "12345678A", []),  # wrong letter (Z)
+    ("ES_DNI", "NIE: {v}", "X1234567A", []),
+    ("IN_AADHAAR", "Aadhaar {v}", "2345 6789 0123", []),  # fails Verhoeff
+    ("IN_PAN", "PAN {v}", "ABCDE1234F", []),  # D is no holder type
+    ("PHONE", "phone: {v}", "555-0100", []),  # fictional 555 range
+    ("PHONE", "call me on {v}", "+1 555 010 0199", []),
+    ("PHONE", "Teléfono {v}", "+44 20 7946 000", []),  # one digit short of a valid UK number
+]
+
+
+@pytest.mark.parametrize(("kind", "sentence", "value", "alone"), LABELLED_INVALID)
+def test_a_labelled_value_of_the_right_shape_is_found_though_it_fails_its_check(
+    kind: str, sentence: str, value: str, alone: list[str]
+) -> None:
+    text = sentence.format(v=value)
+    found = find_pii(text)
+    assert [(f.type, f.text, f.valid, f.labelled) for f in found] == [(kind, value, False, True)]
+    redacted = Redactor().redact(text, found)
+    assert value not in redacted and f"<{kind}_1>" in redacted
+
+
+@pytest.mark.parametrize(("kind", "sentence", "value", "alone"), LABELLED_INVALID)
+def test_the_same_value_without_a_label_is_not_found_as_that_type(
+    kind: str, sentence: str, value: str, alone: list[str]
+) -> None:
+    for text in (f"It says {value} there.", f"Details: {value}, thanks.", value):
+        assert [f.type for f in find_pii(text)] == alone, text
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("SSN: 123-45-6789", "US_SSN"),  # "SSN:" once read as "S/N:" (a serial number) and hid valid numbers
+        ("phone 415-555-2671", "PHONE"),  # the label wins over the NHS check digit it passes by chance
+        ("NHS number 943 476 5919", "UK_NHS"),
+    ],
+)
+def test_a_valid_labelled_value_takes_its_labels_type(text: str, kind: str) -> None:
+    assert [(f.type, f.valid, f.labelled) for f in find_pii(text)] == [(kind, True, True)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SSN: see the form you filled in last week, the number 219-09-9999",  # the label is over 40 characters away
+        "SSN: 000-00-0000",  # a placeholder of one repeated digit
+        "card number 0000 0000 0000 0000",
+        "phone: 15 MB of data",  # too short for a phone number
+        "S/N: 123-45-6789",  # a serial number
+        "Order 219-09-9999, SSN not given",  # the label comes after it
+    ],
+)
+def test_labels_do_not_reach_far_placeholders_short_numbers_or_references(text: str) -> None:
+    assert find_pii(text) == []
+
+
+def test_data_check_reports_what_redaction_replaces(tmp_path, write_jsonl) -> None:  # type: ignore[no-untyped-def]
+    from loraforge.data.fullcheck import governance_checks
+    from loraforge.data.validate import check_dataset
+    from tests.conftest import chat
+
+    records = [chat(f"Question {i} about the shop", f"Answer {i}.") for i in range(10)]
+    records.append(chat("my SSN is 078-05-1120 and my NINO is QQ 12 34 56 C", "Noted."))
+    records.append(chat("SSN 123-45-6789", "Thanks."))
+    path = write_jsonl(records)
+    report = check_dataset(path, None)
+    _, findings = governance_checks(report, allow_unlicensed=True)
+    assert findings["pii"]["pii"] == {"US_SSN": 2, "UK_NINO": 1}
+    assert findings["pii"]["unverified"] == {"US_SSN": 1, "UK_NINO": 1}
+    warnings = {p.message.split(",")[0] for p in report.warnings if p.code == "pii"}
+    assert warnings == {
+        "2 personal data finding(s) of type US_SSN (1 fail the US_SSN check but are named by a label)",
+        "1 personal data finding(s) of type UK_NINO (1 fail the UK_NINO check but are named by a label)",
+    }
+    redacted, scan = scan_examples(report.examples, "redact")
+    assert scan.pii_counts == {"US_SSN": 2, "UK_NINO": 1}
+    assert redacted[10].messages[0].content == "my SSN is <US_SSN_1> and my NINO is <UK_NINO_1>"
+    assert redacted[11].messages[0].content == "SSN <US_SSN_1>"

@@ -324,3 +324,67 @@ def test_auto_precision_is_fp32_without_fast_bf16(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(lora, "fast_bf16_available", lambda device: True)
     assert lora.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
     assert lora.resolve_precision("fp32", torch.device("cpu")) == torch.float32
+
+
+# A key of the shape secrets_scan knows (OpenAI project key); made up for the test, not a real one.
+FAKE_KEY = "sk-proj-" + "Zx8Qk2Lm9Pw4Rt7Yb3Nc5Vd1Hf0GjT6"
+
+
+@pytest.mark.parametrize("allow_secrets", [False, True])
+def test_secrets_are_not_trained_on_under_pii_report_unless_allowed(
+    tmp_path: Path,
+    write_jsonl,
+    tiny_model_dir: Path,
+    model_cache: Path,
+    tokenizer,
+    monkeypatch: pytest.MonkeyPatch,
+    allow_secrets: bool,  # type: ignore[no-untyped-def]
+) -> None:
+    import loraforge.train.loop as loop
+
+    records = _records(16)
+    for i in (1, 5, 9, 13):  # four examples quote the key, next to an email address (personal data)
+        records[i] = chat(f"My API key is {FAKE_KEY}, mail maria@example.com if step {i} fails.", f"Noted, step {i}.")
+    data = write_jsonl(records)
+    # a licence manifest, so that allow_secrets is the only exception the run can take
+    (tmp_path / "data.manifest.yaml").write_text(
+        "sources:\n  - path: data.jsonl\n    license: MIT\n    owner: Brightpath Bikes\n    personal_data: true\n"
+    )
+    packed: list[str] = []  # the text of every example the loop packs: training and validation rows
+
+    def spy(examples, *args, **kwargs):  # type: ignore[no-untyped-def]
+        packed.extend(tokenizer.decode(t.input_ids) for t in examples)
+        return real_pack(examples, *args, **kwargs)
+
+    real_pack = loop.pack_examples
+    monkeypatch.setattr(loop, "pack_examples", spy)
+    cfg = _config(
+        tmp_path,
+        data,
+        tiny_model_dir,
+        max_steps=1,
+        eval_every=0,
+        allow_unlicensed=False,
+        pii="report",
+        allow_secrets=allow_secrets,
+        validation_split=0.25,
+    )
+    manifest = train(cfg, model_cache=model_cache).manifest
+    assert len(packed) == 16
+    text = "\n".join(packed)
+    assert text.count("maria@example.com") == 4  # pii: report keeps personal data either way
+    secrets = manifest["data_governance"]["secrets"]
+    assert secrets["found"] + secrets["validation_found"] == 4
+    if allow_secrets:
+        assert text.count(FAKE_KEY) == 4
+        assert secrets["handling"] == "kept" and secrets["redacted"] + secrets["validation_redacted"] == 0
+        assert [f["flag"] for f in manifest["governance_flags"]] == ["allow_secrets"]
+    else:
+        assert FAKE_KEY not in text and "sk-proj" not in text
+        assert text.count("My API key is <SECRET_OPENAI_KEY_1>, mail maria@example.com") == 4
+        assert secrets["handling"] == "redacted" and secrets["redacted"] + secrets["validation_redacted"] == 4
+        assert manifest["governance_flags"] == []
+    assert secrets["allow_secrets"] is allow_secrets
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["governance_flags"] == manifest["governance_flags"]
+    assert on_disk["config"]["allow_secrets"] is allow_secrets

@@ -86,9 +86,18 @@ class _Collector:
         self.file = file
         self.result = result
         self.source: str | None = None  # tag of the record being converted
+        self.bad_lines: set[int] = set()  # lines that are not valid UTF-8 (each reported once)
 
     def error(self, line: int, fld: str, code: str, message: str) -> None:
         self.result.problems.append(Problem(self.file, line, fld, code, message))
+
+    def undecodable(self, first: int, last: int) -> bool:
+        """Whether a record on lines ``first..last`` holds a line that is not valid UTF-8.
+
+        Such a record is skipped: its line is already reported, and a record with replacement
+        characters in place of the bad bytes must never be trained on.
+        """
+        return any(first <= n <= last for n in self.bad_lines)
 
 
 def load_dataset(path: str | Path, format: Format = "auto", columns: dict[str, str] | None = None) -> LoadResult:
@@ -128,6 +137,8 @@ def load_dataset(path: str | Path, format: Format = "auto", columns: dict[str, s
         out.error(0, "file", "empty_file", "the file is empty; it needs at least 10 examples")
         return result
     text = _decode(raw, out)
+    if text is None:
+        return result
     if format == "auto":
         format = _detect(p, text)
         result.format = format
@@ -140,26 +151,46 @@ def load_dataset(path: str | Path, format: Format = "auto", columns: dict[str, s
     return result
 
 
-def _decode(raw: bytes, out: _Collector) -> str:
-    """Decode UTF-8 line by line so that each bad line is reported with its number."""
+def _decode(raw: bytes, out: _Collector) -> str | None:
+    """Decode UTF-8, reporting each line with invalid bytes under its own number.
+
+    CRLF (Windows) and lone CR (old Mac) line endings become LF, so that every reader and every
+    error counts lines the way an editor does. A bad line keeps its place: its bad bytes become
+    U+FFFD, so the lines after it (and, in a JSON array or CSV, the records around it) are still read
+    and checked; the record holding it is skipped (see :meth:`_Collector.undecodable`).
+
+    Returns:
+        The text with LF line endings, or None when the file is not UTF-8 at all (UTF-16).
+    """
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        out.error(
+            0, "encoding", "invalid_utf8", "the file is UTF-16 (it starts with a byte-order mark); save it as UTF-8"
+        )
+        return None
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         pass
+    else:
+        return text.replace("\r\n", "\n").replace("\r", "\n")
     lines = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    # bytes.splitlines splits at \n, \r and \r\n only, never inside a UTF-8 sequence
+    for number, line in enumerate(raw.splitlines(), start=1):
         try:
             lines.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
+            bad = " ".join(f"0x{b:02X}" for b in line[e.start : e.end])
             out.error(
                 number,
                 "encoding",
                 "invalid_utf8",
-                f"invalid UTF-8 at byte {e.start} of the line; save the file as UTF-8",
+                f"invalid UTF-8 at byte {e.start + 1} of the line ({bad}); save the file as UTF-8 "
+                "(bytes like this often mean it was saved as Latin-1 or Windows-1252)",
             )
-            lines.append("")  # keep line numbers aligned; the line is skipped as blank
+            out.bad_lines.add(number)
+            lines.append(line.decode("utf-8", errors="replace"))
     return "\n".join(lines)
 
 
@@ -175,7 +206,7 @@ def _detect(path: Path, text: str) -> Format:
         except (json.JSONDecodeError, RecursionError):
             first = None
     else:
-        for line in text.splitlines():
+        for line in text.split("\n"):
             if line.strip():
                 try:
                     first = json.loads(line)
@@ -194,7 +225,7 @@ def _detect(path: Path, text: str) -> Format:
 
 def _read_jsonl(text: str, format: Format, out: _Collector) -> None:
     for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
+        if not line.strip() or number in out.bad_lines:
             continue
         try:
             record = json.loads(line)
@@ -225,7 +256,9 @@ def _read_json_array(text: str, format: Format, out: _Collector) -> None:
         if pos >= len(text) or text[pos] == "]":
             break
         record, end = decoder.raw_decode(text, pos)
-        _convert(record, format, text.count("\n", 0, pos) + 1, out)
+        first = text.count("\n", 0, pos) + 1
+        if not out.undecodable(first, first + text.count("\n", pos, end)):
+            _convert(record, format, first, out)
         pos = end
 
 
@@ -384,8 +417,10 @@ def _read_csv(text: str, columns: dict[str, str], out: _Collector) -> None:
 
 
 def _read_csv_rows(text: str, columns: dict[str, str], out: _Collector) -> None:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    headers = reader.fieldnames or []
+    # csv.reader rather than DictReader: its line_num before and after a row gives the lines the row
+    # spans, so a quoted field over several lines is reported at the line where its row starts
+    reader = csv.reader(io.StringIO(text, newline=""))
+    headers = next(reader, [])
     bad_fields = sorted(set(columns) - set(CSV_FIELDS))
     if bad_fields:
         out.error(
@@ -424,8 +459,12 @@ def _read_csv_rows(text: str, columns: dict[str, str], out: _Collector) -> None:
             f"--columns {absent[0]}=COLUMN",
         )
         return
-    for row in reader:
-        line = reader.line_num
+    last = reader.line_num
+    for cells in reader:
+        line, last = last + 1, reader.line_num
+        if not cells or out.undecodable(line, last):
+            continue  # a blank line, or a row already reported for its encoding
+        row = dict(zip(headers, cells, strict=False))  # missing cells read as empty, extra ones are ignored
         values = {f: (row.get(c) or "") for f, c in mapping.items()}
         out.source = values.get("source") or None
         if kind == "chat":

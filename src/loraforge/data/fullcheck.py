@@ -61,15 +61,23 @@ def _content_findings(
     _, scan = scan_examples(examples, "report")
     file = report.path
     for kind, count in sorted({**scan.pii_counts, **scan.secret_counts}.items()):
-        what = "possible secret" if kind.startswith("SECRET") else "personal data"
+        secret = kind.startswith("SECRET")
+        what = "possible secret" if secret else "personal data"
+        unverified = scan.unverified_counts.get(kind, 0)
+        # the same findings `data redact` and `train --pii redact` replace, those found by label included
+        labelled = f" ({unverified} fail the {kind} check but are named by a label)" if unverified else ""
+        hint = (
+            "`loraforge train` redacts secrets unless --allow-secrets is given"
+            if secret
+            else "use `loraforge data redact` or train with --pii redact"
+        )
         report.problems.append(
             Problem(
                 file,
                 0,
                 "content",
-                "pii" if what == "personal data" else "secret",
-                f"{count} {what} finding(s) of type {kind}, e.g. {scan.samples[kind][0]}; "
-                "use `loraforge data redact` or train with --pii redact",
+                "secret" if secret else "pii",
+                f"{count} {what} finding(s) of type {kind}{labelled}, e.g. {scan.samples[kind][0]}; {hint}",
                 "warning",
             )
         )

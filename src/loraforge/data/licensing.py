@@ -57,7 +57,35 @@ class Source:
 
     @property
     def label(self) -> str:
-        return f"path {self.path}" if self.path else f"source {self.source!r}"
+        return source_label(self.path, self.source)
+
+
+def source_label(path: str | None, source: str | None) -> str:
+    """How a manifest source is named in decisions and reports: ``path support.jsonl`` or ``source 'tag'``."""
+    return f"path {path}" if path else f"source {source!r}"
+
+
+# approvers that name no one (after _person: lower case, punctuation gone, so "n/a" is "n a")
+_NO_APPROVER = frozenset(
+    {"", "me", "myself", "self", "i", "owner", "the owner", "data owner", "uploader", "n a", "na", "none", "tbd"}
+    | {"todo", "unknown", "yes", "ok", "approved"}
+)
+
+
+def _person(name: str) -> str:
+    return " ".join("".join(c if c.isalnum() else " " for c in name.casefold()).split())
+
+
+def self_attested(approved_by: str, owner: str) -> bool:
+    """Whether an approval names no one independent of the data.
+
+    loraforge cannot verify who wrote an approval into a manifest, so it flags the two cases a manifest
+    shows: the approver is the source's own ``owner`` (the party that supplied the data approves its
+    use), or the approver is no named person (``me``, ``self``, ``owner``, ``n/a``…). A role after a
+    comma is ignored: ``Jane Roe, data lead`` is Jane Roe.
+    """
+    who, whole = _person(approved_by.split(",")[0]), _person(approved_by)
+    return who in _NO_APPROVER or _person(owner) in (who, whole)
 
 
 @dataclass(frozen=True)
@@ -135,7 +163,12 @@ class LicenseReport:
             "manifest": {"path": str(self.manifest.path), "sha256": self.manifest.sha256} if self.manifest else None,
             "manifests": [{"path": str(m.path), "sha256": m.sha256} for m in self.manifests],
             "files_without_manifest": self.missing,
-            "policy": {"name": self.policy.name, "path": str(self.policy.path), "sha256": self.policy.sha256},
+            "policy": {
+                "name": self.policy.name,
+                "path": str(self.policy.path),
+                "sha256": self.policy.sha256,
+                "default": is_default_policy(self.policy),
+            },
             "sources": [
                 {
                     **{k: v for k, v in asdict(s).items() if v is not None},
@@ -295,6 +328,11 @@ def load_policy(path: str | Path | None = None) -> Policy:
         lists["review"],
         lists["deny"],
     )
+
+
+def is_default_policy(policy: Policy) -> bool:
+    """Whether ``policy`` is loraforge's shipped default (compared by content, so a copy counts as it)."""
+    return policy.sha256 == load_policy(None).sha256
 
 
 def decide(source: Source, policy: Policy) -> Decision:

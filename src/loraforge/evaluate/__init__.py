@@ -5,13 +5,13 @@ Public entry points: :func:`evaluate` with an :class:`EvalConfig`; the CLI's ``l
 """
 
 from loraforge.evaluate.config import DEFAULT_SIZES, SUITES, EvalConfig, TaskChecks, parse_suites
+from loraforge.evaluate.gate import GATE_FAILED_EXIT, GATE_INCONCLUSIVE_EXIT
 from loraforge.evaluate.runner import EvalResult, evaluate
-
-GATE_FAILED_EXIT = 3  # exit status of `loraforge eval` when the gate fails (1 is an error)
 
 __all__ = [
     "DEFAULT_SIZES",
     "GATE_FAILED_EXIT",
+    "GATE_INCONCLUSIVE_EXIT",
     "SUITES",
     "EvalConfig",
     "EvalResult",

@@ -77,6 +77,7 @@ def render_html(report: dict[str, Any], plot: bytes | None) -> str:
         r=report,
         css=(DATA_ASSETS / "report.css").read_text(encoding="utf-8"),
         plot=base64.b64encode(plot).decode() if plot else "",
+        gate={x["metric"]: x["outcome"] for x in report["gate"].get("rules", [])},  # metric id → PASS/FAIL/INCONCLUSIVE
     )
 
 

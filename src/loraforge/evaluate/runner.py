@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from loraforge._atomic import write_text_atomic
+from loraforge.data.governance import governance_flags
 from loraforge.evaluate.benchmarks import SOURCES, subset
 from loraforge.evaluate.config import EvalConfig
 from loraforge.evaluate.gate import Policy, Verdict, judge, load_policy
@@ -133,6 +134,8 @@ def evaluate(config: EvalConfig, *, model_cache: Path, progress: Progress | None
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "adapter": {"name": config.adapter.resolve().name, "path": str(config.adapter.resolve())},
         "base_model": manifest["base_model"],
+        # governance exceptions of the training run (unlicensed data, kept secrets…), shown at the top
+        "governance_flags": governance_flags(manifest),
         "gate": verdict.to_json(),
         "policy": {"name": policy.name, "path": policy.path},
         "suites": [s.to_json() for s in suites],
@@ -159,6 +162,7 @@ def record_in_manifest(adapter: Path, report: dict[str, Any], json_path: Path, h
         "verdict": report["gate"]["verdict"],
         "passed": report["gate"]["passed"],
         "failures": report["gate"]["failures"],
+        "inconclusive": report["gate"]["inconclusive"],
         "policy": report["policy"],
         "suites": [s["name"] for s in report["suites"]],
         "headline": {

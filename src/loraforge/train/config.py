@@ -42,8 +42,12 @@ class TrainConfig:
     """Licence policy (default: loraforge's shipped policy)."""
     allow_unlicensed: bool = False
     """Train on data without a licence manifest (recorded in the adapter manifest)."""
+    allow_secrets: bool = False
+    """Train on secrets (API keys, tokens, private keys) found in the data as they are; without it they
+    are replaced by placeholders even with ``pii: report``. Recorded, and flagged on the adapter."""
     pii: str = "report"
-    """Personal data and secrets: report them, redact them (typed placeholders) or drop the examples."""
+    """Personal data: report it, redact it (typed placeholders) or drop the examples; secrets are redacted
+    under report too (see ``allow_secrets``)."""
     dedupe: str = "none"
     """Remove duplicates before training: none, exact, or near (MinHash, see near_duplicate_threshold)."""
     near_duplicate_threshold: float = 0.8

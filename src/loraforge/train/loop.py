@@ -24,7 +24,7 @@ import torch
 from loraforge import __version__
 from loraforge._atomic import write_text_atomic
 from loraforge.data.formats import Format, parse_columns
-from loraforge.data.governance import prepare_training_examples
+from loraforge.data.governance import flags_from_evidence, prepare_training_examples
 from loraforge.data.licensing import LicenseError, check_licensing, manifest_path_for
 from loraforge.data.packing import PackedBatch, PackedRow, collate_rows, pack_examples
 from loraforge.data.pii import PiiAction
@@ -125,6 +125,7 @@ def _load_split(
         canary_repeats=config.canary_repeats,
         seed=config.seed,
         clean_validation=not config.validation,
+        allow_secrets=config.allow_secrets,
     )
     if not val_kept:
         raise DataError("no validation example is left after the PII action; use --pii redact instead of drop")
@@ -213,6 +214,9 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     tokenizer = load_tokenizer(base)
     train_examples, val_examples, train_report, val_report, governance = _load_split(config, tokenizer)
     licensing = check_training_licences(config, train_report, val_report)
+    governance_flags = flags_from_evidence(licensing, governance)
+    for f in governance_flags:
+        reporter.warning(f"governance flag {f['flag']}: {f['detail']}")
     datasets = [{"role": "train", "path": str(Path(config.data).resolve()), "sha256": sha256_file(Path(config.data))}]
     if config.validation:
         p = Path(config.validation)
@@ -490,6 +494,8 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
             },
             "licensing": licensing,
             "data_governance": governance,
+            # every governance exception taken, shown wherever the adapter is (report, registry, API)
+            "governance_flags": governance_flags,
             "config": config.to_dict(),
             "precision": {
                 "base": str(dtype).removeprefix("torch."),
