@@ -195,7 +195,7 @@ def start_server(home: Path, dirs: list[Path], weight_format: str) -> tuple[subp
     from loraforge.serve.keys import KeyStore
 
     for i, d in enumerate(dirs):
-        AdapterStore(home).add(d, f"adapter{i}", tenant=None)
+        AdapterStore(home).add(d, f"adapter{i}", tenant="bench")
     key, _ = KeyStore(home).create("bench")
     port = _free_port()
     (home / "serve.yaml").write_text(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ SAMPLES = REPO / "src" / "loraforge" / "samples"
 os.environ.setdefault("LORAFORGE_MODEL_CACHE", str(REPO / ".cache" / "models"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def audit_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One audit HMAC key for the run (servers and CLI subprocesses inherit it), never the user's own."""
+    path = tmp_path_factory.mktemp("audit-key") / "audit.key"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAFORGE_AUDIT_KEY_FILE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -132,3 +132,20 @@ def test_data_check_reports_contamination(tmp_path: Path) -> None:
     bad = _run("data", "check", str(train_path), "--against", str(tmp_path / "typo.jsonl"), "--allow-unlicensed")
     assert bad.returncode == 1 and "cannot be read" in bad.stderr.replace("\n", " ")
     assert any(p["code"] == "contamination" and p["line"] == 1 for p in payload["problems"])
+
+
+@pytest.mark.parametrize(("flags", "allowed"), [([], False), (["--allow-secrets"], True)])
+def test_train_allow_secrets_flag_reaches_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], allowed: bool
+) -> None:
+    from typer.testing import CliRunner
+
+    import loraforge.train
+    from loraforge.cli import app
+
+    seen = []
+    monkeypatch.setattr(loraforge.train, "train", lambda cfg, **kw: seen.append(cfg))
+    args = ["train", "--data", str(SAMPLES / "support.jsonl"), "--output", str(tmp_path / "o"), *flags]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [c.allow_secrets for c in seen] == [allowed]

@@ -58,7 +58,10 @@ def serve(
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")],
-    role: Annotated[str, typer.Option(help="user, or admin (admin endpoints, /metrics, all usage).")] = "user",
+    role: Annotated[str, typer.Option(help="user, or admin (admin endpoints for its tenant's adapters).")] = "user",
+    all_tenants: Annotated[
+        bool, typer.Option("--global", help="An admin key for every tenant (/metrics, all usage, all adapters).")
+    ] = False,
     home: Home = None,
 ) -> None:
     """Create an API key and print it once (only its hash is stored)."""
@@ -66,11 +69,13 @@ def keys_create(
     from loraforge.serve.keys import KeyStore
 
     h = _home(home)
-    key, record = KeyStore(h).create(tenant, role)
-    AuditLog(h).record(_actor(), "key.create", record.id, tenant=tenant, role=role)
+    with AuditLog(h).action(_actor(), "key.create", f"tenant:{tenant}", role=role, all_tenants=all_tenants) as act:
+        key, record = KeyStore(h).create(tenant, role, all_tenants=all_tenants)
+        act.outcome["key_id"] = record.id  # the id only: the key itself never enters the log
     console.print(key, highlight=False, soft_wrap=True)
     console.print(
-        f"[dim]key id {record.id} · tenant {tenant} · role {role} — store it now: it cannot be shown again[/]",
+        f"[dim]key id {record.id} · tenant {tenant} · role {role}{' (all tenants)' if all_tenants else ''} — "
+        "store it now: it cannot be shown again[/]",
         highlight=False,
     )
 
@@ -95,8 +100,9 @@ def keys_revoke(
     from loraforge.serve.keys import KeyStore
 
     h = _home(home)
-    record = KeyStore(h).revoke(key_id)
-    AuditLog(h).record(_actor(), "key.revoke", key_id, tenant=record.tenant)
+    with AuditLog(h).action(_actor(), "key.revoke", key_id) as act:
+        record = KeyStore(h).revoke(key_id)
+        act.outcome["tenant"] = record.tenant
     console.print(f"revoked key {key_id} (tenant {record.tenant})")
 
 
@@ -107,23 +113,42 @@ def adapters_add(
     tenant: Annotated[str | None, typer.Option(help="The tenant that owns it (only it can use it).")] = None,
     public: Annotated[bool, typer.Option("--public", help="Every tenant may use it.")] = False,
     replace: Annotated[bool, typer.Option("--replace", help="Replace an adapter of the same name.")] = False,
+    override_governance: Annotated[
+        str | None,
+        typer.Option(
+            help="Publish (--public) without a passed data-governance record; the reason is recorded and shown."
+        ),
+    ] = None,
+    max_lora_rank: Annotated[int, typer.Option(help="Refuse adapters of a higher LoRA rank.")] = 64,
+    max_size_mb: Annotated[int, typer.Option(help="Refuse adapter files larger than this.")] = 1024,
     home: Home = None,
 ) -> None:
-    """Register a trained adapter so the server can serve it under NAME."""
+    """Register a trained adapter so the server can serve it under NAME.
+
+    Only regular files are taken (no links or FIFOs), each under --max-size-mb, with both checksums
+    of its manifest matching and finite weights of rank at most --max-lora-rank. Publishing it to
+    every tenant (--public) needs a passed data-governance record (licences checked, personal data
+    redacted or dropped, no exception taken) or --override-governance REASON.
+    """
     from loraforge.govern.audit import AuditLog
     from loraforge.serve.adapters import AdapterStore
 
     if public == (tenant is not None):
         raise ConfigError("give exactly one of --tenant NAME or --public")
     h = _home(home)
-    reg = AdapterStore(h).add(directory, name, tenant=tenant, replace=replace)
-    AuditLog(h).record(
-        _actor(), "adapter.add", name, tenant=tenant, public=public, sha256=reg.weights_sha256, source=reg.source
-    )
+    store = AdapterStore(h, max_rank=max_lora_rank, max_bytes=max_size_mb * 2**20)
+    intent = {"tenant": tenant, "public": public, "directory": str(directory), "override": override_governance}
+    with AuditLog(h).action(_actor(), "adapter.add", name, **intent) as act:
+        reg = store.add(directory, name, tenant=tenant, replace=replace, governance_override=override_governance)
+        act.outcome.update(sha256=reg.weights_sha256, source=reg.source)
     owner = "public" if reg.public else f"tenant {reg.tenant}"
     console.print(
         f"registered [bold]{name}[/] ({owner}) on {reg.base_model}, weights sha256 {reg.weights_sha256[:12]}…"
     )
+    for flag in reg.governance_flags:
+        console.print(f"[yellow]governance exception taken in training: {flag}[/]")
+    if reg.governance_override:
+        console.print(f"[yellow]published without a passed governance record: {reg.governance_override}[/]")
 
 
 @adapters_app.command("list")
@@ -131,10 +156,16 @@ def adapters_list(home: Home = None) -> None:
     """List registered adapters and their owners."""
     from loraforge.serve.adapters import AdapterStore
 
-    table = Table("name", "owner", "base model", "weights sha256", "added")
+    table = Table("name", "owner", "base model", "weights sha256", "added", "governance")
     for r in AdapterStore(_home(home)).registrations():
+        notes = [*r.governance_flags, *([f"override: {r.governance_override}"] if r.governance_override else [])]
         table.add_row(
-            r.name, "public" if r.public else r.tenant or "", r.base_model, r.weights_sha256[:12], _when(r.added_at)
+            r.name,
+            "public" if r.public else r.tenant or "",
+            r.base_model,
+            r.weights_sha256[:12],
+            _when(r.added_at),
+            ", ".join(notes) or "passed" if r.public else ", ".join(notes) or "-",
         )
     console.print(table)
 
@@ -146,7 +177,7 @@ def adapters_remove(name: Annotated[str, typer.Argument(help="Adapter name.")], 
     from loraforge.serve.adapters import AdapterStore
 
     h = _home(home)
-    if not AdapterStore(h).remove(name):
-        raise ConfigError(f"no adapter named {name!r}; `loraforge adapters list` shows them")
-    AuditLog(h).record(_actor(), "adapter.remove", name)
+    with AuditLog(h).action(_actor(), "adapter.remove", name):
+        if not AdapterStore(h).remove(name):
+            raise ConfigError(f"no adapter named {name!r}; `loraforge adapters list` shows them")
     console.print(f"removed {name}")

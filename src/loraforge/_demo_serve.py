@@ -38,12 +38,15 @@ def serve_demo(console: Console, adapter: Path, home: Path, question: str, syste
 
     cli = Path(sys.executable).parent / "loraforge"
     console.print(f"$ loraforge adapters add {adapter} --name {ADAPTER_NAME} --tenant {TENANT} --replace")
-    AdapterStore(home).add(adapter, ADAPTER_NAME, tenant=TENANT, replace=True)
-    AuditLog(home).record("demo", "adapter.add", ADAPTER_NAME, tenant=TENANT)
+    audit = AuditLog(home)
+    with audit.action("demo", "adapter.add", ADAPTER_NAME, tenant=TENANT, directory=str(adapter)) as act:
+        reg = AdapterStore(home).add(adapter, ADAPTER_NAME, tenant=TENANT, replace=True)
+        act.outcome["sha256"] = reg.weights_sha256
     console.print(f"$ loraforge keys create --tenant {TENANT}")
     keys = KeyStore(home)
-    key, record = keys.create(TENANT)
-    AuditLog(home).record("demo", "key.create", record.id, tenant=TENANT, role="user")
+    with audit.action("demo", "key.create", f"tenant:{TENANT}", role="user") as act:
+        key, record = keys.create(TENANT)
+        act.outcome["key_id"] = record.id  # never the key itself
     port = _free_port()
     log_path = home / "serve-demo.log"
     console.print(f"$ loraforge serve --port {port}")
@@ -89,7 +92,7 @@ def serve_demo(console: Console, adapter: Path, home: Path, question: str, syste
     finally:
         server.terminate()
         server.wait(timeout=30)
-        keys.revoke(record.id)
-        AuditLog(home).record("demo", "key.revoke", record.id, tenant=TENANT)
+        with audit.action("demo", "key.revoke", record.id, tenant=TENANT):
+            keys.revoke(record.id)
     console.print("server stopped; the demo key is revoked")
     return log_path

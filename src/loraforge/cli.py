@@ -29,6 +29,8 @@ app.add_typer(data_app, name="data")
 app.command("serve")(_cli_serve.serve)
 app.add_typer(_cli_serve.keys_app, name="keys")
 app.add_typer(_cli_serve.adapters_app, name="adapters")
+audit_app = typer.Typer(help="The audit log of admin actions.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -250,7 +252,16 @@ def train(
     allow_unlicensed: Annotated[
         bool, typer.Option("--allow-unlicensed", help="Train on data without a licence manifest (recorded).")
     ] = False,
-    pii: Annotated[str | None, typer.Option(help="Personal data and secrets: report, redact or drop.")] = None,
+    allow_secrets: Annotated[
+        bool,
+        typer.Option(
+            "--allow-secrets", help="Train on API keys, tokens and private keys found in the data (recorded, flagged)."
+        ),
+    ] = False,
+    pii: Annotated[
+        str | None,
+        typer.Option(help="Personal data: report, redact or drop (secrets are redacted unless --allow-secrets)."),
+    ] = None,
     dedupe: Annotated[str | None, typer.Option(help="Remove duplicates: none, exact or near.")] = None,
     canaries: Annotated[int | None, typer.Option(help="Plant N canary secrets (memorization tests).")] = None,
     use_rslora: Annotated[bool, typer.Option("--use-rslora", help="Rank-stabilised LoRA scaling.")] = False,
@@ -293,6 +304,7 @@ def train(
         "manifest": manifest,
         "policy": policy,
         "allow_unlicensed": allow_unlicensed or None,
+        "allow_secrets": allow_secrets or None,
         "pii": pii,
         "dedupe": dedupe,
         "canaries": canaries,
@@ -345,8 +357,12 @@ def eval_adapter(
     threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch.")] = None,
     home: Home = None,
 ) -> None:
-    """Evaluate an adapter against its base model and apply the release gate; exit 0 pass, 3 gate fail, 1 error."""
-    from loraforge.evaluate import DEFAULT_SIZES, GATE_FAILED_EXIT, EvalConfig, evaluate, parse_suites
+    """Evaluate an adapter against its base model and apply the release gate.
+
+    Exit 0 the gate passed, 3 it failed, 4 it cannot decide (an interval crosses a threshold) and the
+    policy blocks undecided rules, 1 an error.
+    """
+    from loraforge.evaluate import DEFAULT_SIZES, EvalConfig, evaluate, parse_suites
     from loraforge.evaluate.display import show_evaluation
 
     if max_items is not None and max_items < 1:
@@ -367,7 +383,29 @@ def eval_adapter(
         config, model_cache=_cache(home), progress=lambda msg: err_console.print(f"[dim]{escape(msg)}[/]")
     )
     show_evaluation(console, result)
-    raise typer.Exit(0 if result.verdict.passed else GATE_FAILED_EXIT)
+    raise typer.Exit(result.verdict.exit_status)
+
+
+@audit_app.command("verify")
+def audit_verify(home: Home = None) -> None:
+    """Check HOME/audit.jsonl against its chain, its key ($LORAFORGE_AUDIT_KEY_FILE) and its head; exit 1 if broken."""
+    from loraforge.govern.audit import AuditLog, head_path, read_head, verify_audit_log
+    from loraforge.home import resolve_home
+
+    log = AuditLog(resolve_home(home))
+    problems = verify_audit_log(log.path, key_file=log.key_file)
+    for problem in problems:
+        err_console.print(f"[red]✗[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    head = read_head(head_path(log.path)) or {"count": 0, "hash": "-"}
+    console.print(
+        f"{log.path}: intact, {len(log.entries())} records; head: record {head['count']}, hash {head['hash']} "
+        f"(key {log.key_file}). Keep this head "
+        "somewhere the log's writers cannot change: only a copy outside the home reveals a rollback of both files.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:

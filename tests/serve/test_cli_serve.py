@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,13 @@ def test_keys_and_adapters_commands(tmp_path: Path, adapter_dirs: dict[str, Path
     assert _run("keys", "revoke", key_id, "--home", home).returncode == 0
     assert _run("adapters", "remove", "support", "--home", home).returncode == 0
     audit = tmp_path / "home" / "audit.jsonl"
-    actions = [line.split('"action": "')[1].split('"')[0] for line in audit.read_text().splitlines()]
-    assert actions == ["key.create", "adapter.add", "key.revoke", "adapter.remove"]
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["action"] for r in records if r["phase"] == "done"] == [
+        "key.create",
+        "adapter.add",
+        "key.revoke",
+        "adapter.remove",
+    ]
+    assert [(r["action"], r["target"]) for r in records if r["phase"] == "failed"] == [("adapter.add", "y")]
+    assert key not in audit.read_text()
     assert verify_audit_log(audit) == []

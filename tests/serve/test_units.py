@@ -53,17 +53,36 @@ def test_token_buckets_refill_over_a_minute() -> None:
     limiter.acquire("k", 10)
     with pytest.raises(LimitExceeded, match="concurrent"):
         limiter.acquire("k", 10)
-    limiter.release("k", reserved=10, used=10)
+    limiter.end("k", reserved=10, used=10)
     limiter.acquire("k", 10)
-    limiter.release("k", reserved=10, used=4)  # 6 unused tokens come back
+    limiter.end("k", reserved=10, used=4)  # 6 unused tokens come back
     with pytest.raises(LimitExceeded) as e:
         limiter.acquire("k", 10)
     assert e.value.retry_after == 30  # one request per 30 s
     now[0] = 30.0
     limiter.acquire("k", 10)
-    limiter.release("k", 10, 10)
+    limiter.end("k", 10, 10)
+    now[0] = 60.0  # requests are counted first (before the prompt is tokenized), then tokens
     with pytest.raises(LimitExceeded, match="more than"):
         limiter.acquire("k", 101)
+    with pytest.raises(LimitExceeded, match=r"concurrent|requests per minute"):
+        limiter.acquire("k", 1)  # the refused request counted: a refusal is no free retry
+
+
+def test_adapter_loads_are_limited_per_key() -> None:
+    now = [0.0]
+    limiter = RateLimiter(
+        Limits(requests_per_minute=100, tokens_per_minute=100, max_concurrent=4, adapter_loads_per_minute=3),
+        clock=lambda: now[0],
+    )
+    for _ in range(3):
+        limiter.load_adapter("k")
+    with pytest.raises(LimitExceeded, match="adapters in the last minute") as e:
+        limiter.load_adapter("k")
+    assert e.value.retry_after == 20
+    limiter.load_adapter("other")  # per key
+    now[0] = 20.0
+    limiter.load_adapter("k")
 
 
 def test_audit_log_detects_edits_and_removals(tmp_path: Path) -> None:

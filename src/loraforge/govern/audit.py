@@ -1,74 +1,585 @@
-"""A tamper-evident audit log: ``HOME/audit.jsonl``, one JSON record per line, hash-chained.
+"""The audit log: ``HOME/audit.jsonl``, one JSON record per line, chained and keyed; ``HOME/audit.head``.
 
-Each record carries the sha256 of the previous record's line (``prev``) and of its own content
-(``hash``), so editing, removing or reordering a line breaks the chain at that point, which
-:func:`verify_audit_log` reports.
+Records and files::
+
+    audit.jsonl   {"seq": 7, "ts": …, "actor": "cli:ana", "action": "key.create", "target": "tenant:acme",
+                   "phase": "intent", "details": {…}, "prev": <hash of record 6>, "mac_key": "…", "hash": …}
+    audit.head    {"count": 7, "hash": <hash of record 7>}      (replaced atomically after each append)
+    audit key     32+ random bytes outside the home: $LORAFORGE_AUDIT_KEY_FILE, else
+                  $XDG_CONFIG_HOME/loraforge/audit.key (~/.config/…), created 0600 on first append
+
+``hash`` is HMAC-SHA256(key, the record without ``hash``, as sorted JSON); ``prev`` is the previous
+record's hash (64 zeros for the first); ``seq`` counts records from 1; ``mac_key`` names the key.
+Logs written before the key existed start with unkeyed records (plain sha256, no ``seq``): the first
+keyed record's HMAC covers their last hash, so they stay protected as a prefix; every record after
+it must be keyed, and a log with no keyed record at all is reported (its chain proves nothing).
+
+What each mechanism detects, and what it cannot:
+
+- The chain (``prev``) and the numbering (``seq``): an edited, removed, inserted or reordered line,
+  *unless whoever changed it recomputed the hashes* — which anyone can do with plain sha256.
+- The key: recomputing is impossible without it, so edits, removals and forged records are caught
+  as long as the key is out of the attacker's reach (a different user, a secret store). An attacker
+  who can read the key can rewrite everything; keep it outside the home and its backups.
+- The head: a prefix of a valid chain is itself valid, so deleting the *last* records leaves no
+  trace in the log; ``audit.head`` records how many records there were and the last hash, and
+  :func:`verify_audit_log` reports a log that ends before its head. An attacker who can write the
+  home can roll *both* files back to an earlier consistent state, replace both with another home's
+  files written with the same key, or delete both: nothing inside the home can detect that.
+  ``loraforge audit verify`` prints the head; copying it somewhere the attacker cannot write (a
+  ticket, write-once storage) and comparing later is the defence.
+- A writer that finds the log shorter than its head, or the head missing or not matching, appends
+  an ``audit.truncated`` / ``audit.head_missing`` / ``audit.head_mismatch`` record before its own,
+  so the evidence survives later appends; verification reports those records for good.
+- A crash mid-write leaves a torn last line (partial JSON, no newline). The next append moves those
+  bytes aside to ``audit.jsonl.torn-<time>`` (0600), logs an ``audit.repair`` record naming them,
+  and continues; verification passes again. Until then verification reports the torn line.
+
+Writers (the CLI, the server, several processes) take an exclusive ``flock`` on the log; an append
+reads the head and the log's last line (scanning back from the end), never the whole file. Files
+are created 0600 and directories this module creates 0700.
+
+Admin actions use :meth:`AuditLog.action`: an ``intent`` record is written before the action runs
+(if it cannot be written, the action does not run), and a ``done`` or ``failed`` record (with the
+error) after. An intent without an outcome means the process stopped during the action.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraforge.errors import AuditError
+
 GENESIS = "0" * 64
+HEAD_NAME = "audit.head"
+KEY_ENV = "LORAFORGE_AUDIT_KEY_FILE"
+MIN_KEY_BYTES = 32
+# records a writer appends when it finds the log and its head disagree: evidence, reported by verify
+ANOMALIES = ("audit.truncated", "audit.head_missing", "audit.head_mismatch")
+_BLOCK = 8192
+
+
+def default_key_file() -> Path:
+    """``$LORAFORGE_AUDIT_KEY_FILE``, else ``$XDG_CONFIG_HOME/loraforge/audit.key`` (default ``~/.config``)."""
+    env = os.environ.get(KEY_ENV)
+    if env:
+        return Path(env).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config).expanduser() / "loraforge" / "audit.key"
+
+
+def head_path(log: Path) -> Path:
+    """``HOME/audit.head`` for ``HOME/audit.jsonl``."""
+    return log.with_name(HEAD_NAME)
+
+
+def key_id(key: bytes) -> str:
+    """A public fingerprint of a key (16 hex digits), stored in each record to name the key it needs."""
+    return hashlib.sha256(b"loraforge-audit-key-id\0" + key).hexdigest()[:16]
+
+
+def read_key(path: Path) -> bytes | None:
+    """The key in ``path``, or None when the file does not exist.
+
+    Raises:
+        AuditError: the file is accessible to other users, or holds fewer than 32 bytes.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if st.st_mode & 0o007:
+        raise AuditError(
+            f"audit key {path} is accessible to other users (mode {oct(st.st_mode & 0o777)}); run `chmod 600 {path}`"
+        )
+    key = path.read_bytes().strip()
+    if len(key) < MIN_KEY_BYTES:
+        raise AuditError(
+            f"audit key {path} holds {len(key)} bytes, fewer than {MIN_KEY_BYTES}; "
+            f"remove it to have a new one made, or write one with `openssl rand -hex 32 > {path}`"
+        )
+    return key
+
+
+def _make_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700 (existing directories are left as they are)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (mode 0600 from the start) holding ``data``; FileExistsError if it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with ``data`` (a 0600 temporary file beside it, then a rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        _write_new_file(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The key in ``path``, made (32 random bytes as hex, mode 0600, directories 0700) if absent.
+
+    Two processes creating it at once agree: the file appears complete or not at all (a hard link of
+    a finished temporary file), and the loser reads the winner's key.
+    """
+    key = read_key(path)
+    if key is not None:
+        return key
+    try:
+        _make_dirs(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        _write_new_file(tmp, secrets.token_hex(32).encode() + b"\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise AuditError(
+            f"cannot create the audit key {path}: {e}; set {KEY_ENV} to a file (mode 600) this user can write"
+        ) from e
+    key = read_key(path)
+    assert key is not None
+    return key
+
+
+def _canonical(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` as it reads back from JSON, so the hash written is the hash verification recomputes."""
+    out: dict[str, Any] = json.loads(json.dumps(entry, default=str))
+    return out
+
+
+def _seal(entry: dict[str, Any], key: bytes | None) -> str:
+    """HMAC-SHA256 of the sorted JSON of ``entry`` (plain sha256 without a key: the unkeyed format)."""
+    body = json.dumps(entry, sort_keys=True).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest() if key is not None else hashlib.sha256(body).hexdigest()
+
+
+def _lines_backwards(fd: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """Complete lines of ``fd`` before offset ``end`` (just after a newline), last first, as (start, line).
+
+    Reads 8 KiB blocks backwards from ``end`` only as far as the lines consumed reach.
+    """
+    pos, buf = end, b""  # buf holds bytes [pos, end)
+    while end > 0:
+        cut = buf.rfind(b"\n", 0, len(buf) - 1)
+        if cut >= 0 or pos == 0:
+            start = pos + cut + 1
+            yield start, buf[cut + 1 : -1]
+            buf, end = buf[: cut + 1], start
+            continue
+        step = min(_BLOCK, pos)
+        pos -= step
+        block = os.pread(fd, step, pos)
+        if len(block) != step:
+            raise AuditError(f"the audit log changed while being read (short read at byte {pos})")
+        buf = block + buf
+
+
+def _complete_end(fd: int, size: int) -> int:
+    """Offset just after the last newline (0 if none): where the complete lines end and a torn tail starts."""
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    pos = size
+    while pos > 0:
+        step = min(_BLOCK, pos)
+        block = os.pread(fd, step, pos - step)
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            return pos - step + cut + 1
+        pos -= step
+    return 0
+
+
+def read_head(path: Path) -> dict[str, Any] | None:
+    """``{"count": N, "hash": …}`` from ``HOME/audit.head``; None when absent (``unreadable`` when not a head)."""
+    try:
+        head = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"count": None, "hash": None, "unreadable": True}
+    return head if isinstance(head, dict) else {"count": None, "hash": None, "unreadable": True}
+
+
+@dataclass
+class AuditAction:
+    """An admin action in progress: its intent record, and details to add to its outcome record."""
+
+    intent: dict[str, Any]
+    outcome: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Tail:
+    count: int  # records in the log
+    last: dict[str, Any] | None  # the last record
+    end: int  # offset after the last complete line
 
 
 class AuditLog:
-    def __init__(self, home: Path) -> None:
+    """Append to and read ``HOME/audit.jsonl``.
+
+    Args:
+        home: the installation's home directory.
+        key_file: the HMAC key (default :func:`default_key_file`, read when first needed). Every
+            process writing one home must use the same key: an append with another key is refused.
+    """
+
+    def __init__(self, home: Path, key_file: Path | None = None) -> None:
         self.path = home / "audit.jsonl"
+        self.head_path = head_path(self.path)
+        self.key_file = key_file or default_key_file()
+        self._key: bytes | None = None
 
     def record(self, actor: str, action: str, target: str, **details: Any) -> dict[str, Any]:
-        """Append one record (atomic against concurrent writers: the file is locked)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.seek(0)
-            prev = GENESIS
-            for line in f:
-                if line.strip():
-                    prev = json.loads(line)["hash"]
-            entry: dict[str, Any] = {
-                "ts": round(time.time(), 3),
-                "actor": actor,
-                "action": action,
-                "target": target,
-                "details": details,
-                "prev": prev,
+        """Append one record and return it (durable when this returns: fsync'd, head updated).
+
+        Raises:
+            AuditError: the key cannot be read or made, or is not the key the log was written with,
+                or the log's last complete line is not a record.
+        """
+        return self._append([{"actor": actor, "action": action, "target": target, "details": details}])[-1]
+
+    @contextlib.contextmanager
+    def action(self, actor: str, action: str, target: str, **details: Any) -> Iterator[AuditAction]:
+        """Log the intent of an admin action before its block runs, and its outcome after.
+
+        ``with log.action("cli:ana", "key.create", "tenant:acme", role="user") as act: …;
+        act.outcome["key_id"] = rec.id`` writes ``phase: "intent"`` (with ``details``) before the
+        block, then ``phase: "done"`` (with ``act.outcome``), or ``phase: "failed"`` with
+        ``error: "Type: message"`` when the block raises (the exception propagates). Outcome
+        records carry ``intent``: the ``seq`` of their intent record. Never put secrets in details.
+
+        Raises:
+            AuditError: the intent cannot be written; the block does not run.
+        """
+        base = {"actor": actor, "action": action, "target": target}
+        intent = self._append([{**base, "phase": "intent", "details": details}])[-1]
+        act = AuditAction(intent)
+        try:
+            yield act
+        except BaseException as e:
+            failed = {
+                **base,
+                "phase": "failed",
+                "intent": intent["seq"],
+                "error": f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
             }
-            entry["hash"] = _digest(entry)
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        return entry
+            self._append([{**failed, "details": act.outcome}])
+            raise
+        self._append([{**base, "phase": "done", "intent": intent["seq"], "details": act.outcome}])
+
+    def repair(self) -> list[dict[str, Any]]:
+        """Do what an append does before writing (move a torn tail aside, record a disagreeing head)
+        without a record of its own; returns the records it appended (none when all is well)."""
+        return self._append([])
 
     def entries(self) -> list[dict[str, Any]]:
+        """Every complete record, oldest first (a torn last line is left out).
+
+        Raises:
+            AuditError: a complete line is not JSON (``loraforge audit verify`` names it).
+        """
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        data = self.path.read_bytes()
+        out = []
+        for number, line in enumerate(data[: data.rfind(b"\n") + 1].splitlines(), 1):
+            try:
+                out.append(json.loads(line))
+            except ValueError as e:
+                raise AuditError(f"{self.path}:{number}: not a JSON record; run `loraforge audit verify`") from e
+        return out
 
+    def _key_now(self) -> bytes:
+        if self._key is None:
+            self._key = load_or_create_key(self.key_file)
+        return self._key
 
-def verify_audit_log(path: Path) -> list[str]:
-    """Problems found in the chain (empty when intact), each naming the line."""
-    problems = []
-    prev = GENESIS
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    def _append(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        key = self._key_now()
+        kid = key_id(key)
+        _make_dirs(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            entry = json.loads(line)
+            if os.fstat(fd).st_mode & 0o077:  # a log from before files were made 0600
+                with contextlib.suppress(PermissionError):
+                    os.fchmod(fd, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            written: list[dict[str, Any]] = []
+            tail = self._tail(fd)
+            last = tail.last
+            if last is not None and "mac_key" in last and last["mac_key"] != kid:
+                raise AuditError(
+                    f"{self.path} was written with audit key id {last['mac_key']}, but {self.key_file} has id {kid}; "
+                    f"set {KEY_ENV} to the key file the other writers use (or move the log and "
+                    f"{self.head_path.name} aside, kept as evidence, to start a new log)"
+                )
+            torn = self._move_torn_tail(fd, tail.end)
+            count, prev = tail.count, (last or {}).get("hash", GENESIS)
+            pending = []
+            if torn:
+                pending.append({"actor": "audit", "action": "audit.repair", "target": self.path.name, "details": torn})
+            pending += self._head_anomalies(fd, tail)
+            pending += records
+            for r in pending:
+                entry = _canonical({"seq": count + 1, "ts": round(time.time(), 3), **r, "prev": prev, "mac_key": kid})
+                entry["hash"] = _seal(entry, key)
+                self._write_line(fd, json.dumps(entry, sort_keys=True).encode() + b"\n")
+                count, prev = count + 1, entry["hash"]
+                written.append(entry)
+            if written or not self.head_path.exists():
+                os.fsync(fd)
+                _replace_file(self.head_path, json.dumps({"count": count, "hash": prev}).encode() + b"\n")
+            return written
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _write_line(self, fd: int, line: bytes) -> None:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.ftruncate(fd, size)  # no torn line of our own left behind
+            raise
+
+    def _move_torn_tail(self, fd: int, end: int) -> dict[str, Any] | None:
+        """Move the bytes after ``end``, the last newline (a write cut short), into ``audit.jsonl.torn-<time>``."""
+        size = os.fstat(fd).st_size
+        if end == size:
+            return None
+        torn = os.pread(fd, size - end, end)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for n in range(1000):
+            aside = self.path.with_name(f"{self.path.name}.torn-{stamp}" + (f"-{n}" if n else ""))
+            try:
+                _write_new_file(aside, torn)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise AuditError(f"cannot find a free name for the torn tail of {self.path} beside it")
+        os.ftruncate(fd, end)
+        os.fsync(fd)
+        _fsync_dir(self.path.parent)
+        return {
+            "torn_bytes": len(torn),
+            "torn_sha256": hashlib.sha256(torn).hexdigest(),
+            "moved_to": aside.name,
+            "at_offset": end,
+        }
+
+    def _tail(self, fd: int) -> _Tail:
+        end = _complete_end(fd, os.fstat(fd).st_size)
+        for _start, line in _lines_backwards(fd, end):
+            if not line.strip():
+                continue
+            try:
+                last = json.loads(line)
+                if not isinstance(last, dict) or not isinstance(last.get("hash"), str):
+                    raise ValueError
+            except ValueError as e:
+                raise AuditError(
+                    f"the last line of {self.path} is not an audit record, so nothing can be chained to it; "
+                    f"run `loraforge audit verify`, then move the log and {self.head_path.name} aside "
+                    "(kept as evidence) to start a new log"
+                ) from e
+            if isinstance(last.get("seq"), int):
+                return _Tail(last["seq"], last, end)
+            # an unkeyed log from before numbering: count its lines once; the next record is numbered
+            count = sum(1 for _ in _lines_backwards(fd, end))
+            return _Tail(count, last, end)
+        return _Tail(0, None, end)
+
+    def _head_anomalies(self, fd: int, tail: _Tail) -> list[dict[str, Any]]:
+        """Records to append when the head disagrees with the log (a log cut short, a head removed)."""
+        head = read_head(self.head_path)
+        event = {"actor": "audit", "target": self.path.name}
+        numbered = tail.last is not None and "seq" in tail.last
+        if head is None:
+            if numbered:  # a log this module wrote always has a head
+                return [{**event, "action": "audit.head_missing", "details": {"log_count": tail.count}}]
+            return []
+        count, hashed = head.get("count"), head.get("hash")
+        if not isinstance(count, int) or not isinstance(hashed, str):
+            return [{**event, "action": "audit.head_mismatch", "details": {"head": head, "log_count": tail.count}}]
+        if count > tail.count:
+            details = {"head_count": count, "head_hash": hashed, "log_count": tail.count}
+            return [{**event, "action": "audit.truncated", "details": details}]
+        if count == 0 or (tail.last is not None and tail.count == count and tail.last.get("hash") == hashed):
+            return []
+        # the head is behind (a crash between an append and the head's update): find its record
+        for _start, line in _lines_backwards(fd, tail.end):
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if isinstance(rec, dict) and rec.get("seq") == count and rec.get("hash") == hashed:
+                    return []
+                if isinstance(rec, dict) and isinstance(rec.get("seq"), int) and rec["seq"] <= count:
+                    break
+        details = {"head_count": count, "head_hash": hashed, "log_count": tail.count}
+        return [{**event, "action": "audit.head_mismatch", "details": details}]
+
+
+def verify_audit_log(path: Path, *, key_file: Path | None = None) -> list[str]:
+    """Check the log at ``path`` against its chain, its key and its head; problems, each naming the line.
+
+    Empty when intact. Reports: lines that are not JSON; records that do not follow the previous one
+    (removed, inserted, reordered); content that does not match its hash or HMAC (edited, forged);
+    records written with another key; unkeyed records after keyed ones; a torn last line; a log
+    that ends before its head (its last records deleted) or disagrees with it; the anomaly records
+    writers append (``audit.truncated`` …). Cannot detect a rollback of both log and head (see the
+    module docstring).
+
+    Args:
+        path: ``HOME/audit.jsonl``; its head is ``HOME/audit.head``.
+        key_file: the HMAC key (default :func:`default_key_file`); never created here.
+    """
+    key_path = key_file or default_key_file()
+    key = read_key(key_path)
+    kid = key_id(key) if key is not None else None
+    problems: list[str] = []
+    if not path.is_file():
+        head = read_head(head_path(path))
+        if head and head.get("count"):
+            problems.append(f"{path}: missing, but its head {head_path(path)} records {head['count']} entries")
+        return problems
+    with open(path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_SH)  # no half-written line of a live writer, and a head that matches the log
+        data = f.read()
+        head = read_head(head_path(path))
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline
+    prev, last_seq, keyed, unchecked, hashes = GENESIS, 0, False, 0, {}
+    for number, raw in enumerate(lines, 1):
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(raw)
+            if not isinstance(entry, dict):
+                raise ValueError
         except ValueError:
-            problems.append(f"{path}:{number}: not JSON")
+            problems.append(f"{where}: not a JSON record")
+            last_seq += 1
             continue
+        seq = entry.get("seq")
+        if seq is None:
+            seq = last_seq + 1
+            if keyed:
+                problems.append(f"{where}: an unkeyed record after keyed ones (forged, or written by an old version)")
         if entry.get("prev") != prev:
-            problems.append(f"{path}:{number}: does not follow the previous record (removed or reordered lines)")
-        if _digest({k: v for k, v in entry.items() if k != "hash"}) != entry.get("hash"):
-            problems.append(f"{path}:{number}: content does not match its hash (edited)")
-        prev = entry.get("hash", "")
+            if isinstance(seq, int) and seq > last_seq + 1:
+                gap = f"{last_seq + 1}" if seq == last_seq + 2 else f"{last_seq + 1}–{seq - 1}"
+                problems.append(f"{where}: does not follow the previous record: record(s) {gap} were removed")
+            else:
+                problems.append(f"{where}: does not follow the previous record (removed, inserted or reordered lines)")
+        elif seq != last_seq + 1:
+            problems.append(f"{where}: numbered {seq} after record {last_seq} (renumbered)")
+        body = {k: v for k, v in entry.items() if k != "hash"}
+        if "mac_key" in entry:
+            keyed = True
+            if key is None:
+                unchecked += 1
+            elif entry["mac_key"] != kid:
+                problems.append(
+                    f"{where}: written with audit key id {entry['mac_key']}, but {key_path} has id {kid}; "
+                    f"set {KEY_ENV} to the key its writer used"
+                )
+            elif not hmac.compare_digest(_seal(body, key).encode(), str(entry.get("hash")).encode()):
+                problems.append(f"{where}: content does not match its HMAC (edited, or written without the key)")
+        elif "seq" in entry:
+            problems.append(f"{where}: numbered but not keyed (forged: every numbered record carries an HMAC)")
+        elif _seal(body, None) != entry.get("hash"):
+            problems.append(f"{where}: content does not match its hash (edited)")
+        if entry.get("action") in ANOMALIES:
+            problems.append(f"{where}: {_anomaly_text(entry)}")
+        prev, last_seq = str(entry.get("hash", "")), seq if isinstance(seq, int) else last_seq + 1
+        hashes[last_seq] = prev
+    if lines and not keyed:
+        problems.append(
+            f"{path}: none of its {len(lines)} records is keyed (a log from before the audit key): anyone who can "
+            "write it can recompute its plain sha256 chain; the next append keys it from then on"
+        )
+    if unchecked:
+        problems.append(
+            f"{path}: the HMACs of {unchecked} record(s) cannot be checked: the audit key {key_path} does not exist; "
+            f"set {KEY_ENV} to the key file the writers use"
+        )
+    if torn:
+        problems.append(
+            f"{path}:{len(lines) + 1}: a torn last line ({len(torn)} bytes without a newline: a write cut short); "
+            "the next append moves it aside and logs audit.repair"
+        )
+    problems += _check_head(path, head, last_seq, hashes, numbered=keyed)
     return problems
 
 
-def _digest(entry: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
+def _check_head(
+    path: Path, head: dict[str, Any] | None, count: int, hashes: dict[int, str], *, numbered: bool
+) -> list[str]:
+    where = head_path(path)
+    if head is None:
+        return [f"{where}: missing, but {path} has {count} numbered records (deleted?)"] if numbered else []
+    hc, hh = head.get("count"), head.get("hash")
+    if not isinstance(hc, int) or not isinstance(hh, str):
+        return [f'{where}: not a head record ({{"count": N, "hash": …}}): {head}']
+    if hc > count:
+        return [
+            f"{path}: the log ends at record {count} but its head records {hc} entries: "
+            f"the last {hc - count} record(s) were deleted"
+        ]
+    if hc and hashes.get(hc) != hh:
+        return [f"{path}: record {hc} does not have the hash its head records ({hh[:16]}…): the log was rewritten"]
+    return []
+
+
+def _anomaly_text(entry: dict[str, Any]) -> str:
+    d = entry.get("details") or {}
+    if entry.get("action") == "audit.truncated":
+        return (
+            f"a writer found the log cut short: it ended at record {d.get('log_count')} "
+            f"but its head recorded {d.get('head_count')} entries (records deleted before this one was written)"
+        )
+    if entry.get("action") == "audit.head_missing":
+        return f"a writer found {HEAD_NAME} missing with {d.get('log_count')} records in the log (deleted?)"
+    return f"a writer found {HEAD_NAME} not matching the log ({d}): the log or its head was rewritten"

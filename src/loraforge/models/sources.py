@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraforge._atomic import atomic_directory, remove_stale_temporaries
+from loraforge._atomic import (
+    atomic_directory,
+    open_private,
+    private_directory,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 from loraforge.errors import ModelError
 
 if TYPE_CHECKING:
@@ -143,9 +149,9 @@ def _resolve_gguf(gguf: Path, name: str, cache_dir: Path, source: str) -> BaseMo
     digest = _hash_gguf(gguf, cache_dir)
     target = cache_dir / digest[:16]
     if not (target / "loraforge_source.json").is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        private_directory(cache_dir)
         # one process dequantizes; others wait for it instead of racing (the cache is shared)
-        with open(cache_dir / f".{digest[:16]}.lock", "w") as lock:
+        with open_private(cache_dir / f".{digest[:16]}.lock", os.O_WRONLY | os.O_CREAT) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (target / "loraforge_source.json").is_file():
                 remove_stale_temporaries(cache_dir, target.name)
@@ -174,10 +180,7 @@ def _remembered(memo: Path, entry: str, key: object, compute: Callable[[], str])
     digest = compute()
     saved[entry] = {"key": key, "sha256": digest}
     with contextlib.suppress(OSError):
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(saved))
-        tmp.replace(memo)
+        write_text_atomic(memo, json.dumps(saved))
     return digest
 
 

@@ -10,6 +10,8 @@ Endpoints::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -24,11 +26,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge.govern.audit import AuditLog
-from loraforge.serve.adapters import AdapterCache, AdapterStore
+from loraforge.serve.adapters import AdapterCache, AdapterStore, Registration
 from loraforge.serve.config import ServeConfig
 from loraforge.serve.keys import KeyRecord, KeyStore
 from loraforge.serve.metrics import Metrics
-from loraforge.serve.protocol import ChatCompletionRequest, CompletionRequest, LoadRequest, ModelList
+from loraforge.serve.protocol import ChatCompletionRequest, CompletionRequest, LoadRequest
 from loraforge.serve.service import APIError, InferenceService, not_found, sse
 
 log = logging.getLogger("loraforge.serve")
@@ -58,6 +60,11 @@ class Envelope:
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
 
+    async def _too_large(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.metrics.errors.labels("body_too_large").inc()
+        error = APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
+        await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -68,7 +75,6 @@ class Envelope:
         route = "/v1/models/{id}" if path.startswith("/v1/models/") else path if path in ROUTES else "other"
         started = time.perf_counter()
         status = 500
-        too_large = APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
 
         async def send_with_id(message: MutableMapping[str, Any]) -> None:
             nonlocal status
@@ -77,24 +83,35 @@ class Envelope:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
-        received = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal received
-            message: dict[str, Any] = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise too_large
-            return message
-
         try:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                self.metrics.errors.labels("body_too_large").inc()
-                await JSONResponse(too_large.body(), status_code=413)(scope, receive, send_with_id)
-            else:
-                await self.app(scope, limited_receive, send_with_id)
+                await self._too_large(scope, receive, send_with_id)
+                return
+            # The whole body is read here, within the limit, whatever its transfer encoding (a
+            # chunked body declares no length): the app then gets it in one message.
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    status = 499  # the client left before sending its body
+                    return
+                body += message.get("body", b"")
+                if len(body) > self.max_body_bytes:
+                    await self._too_large(scope, receive, send_with_id)
+                    return
+                if not message.get("more_body", False):
+                    break
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return dict(await receive())  # after the body: only the disconnect is left
+
+            await self.app(scope, replay, send_with_id)
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -170,6 +187,22 @@ def create_app(
             raise APIError(403, "This endpoint needs an admin key.", code="admin_required")
         return record
 
+    def global_admin(record: KeyRecord, what: str) -> None:
+        """Refuse ``what`` to any key but an admin key for all tenants (``keys create --global``)."""
+        if record.role != "admin" or not record.all_tenants:
+            raise APIError(
+                403,
+                f"{what} needs an admin key for all tenants (loraforge keys create --global).",
+                code="admin_required",
+            )
+
+    def administered(record: KeyRecord, name: str) -> Registration:
+        """The registration ``name`` if this admin key may manage it (its tenant's or public), else 404."""
+        reg = store.get(name)
+        if reg is None or not (record.all_tenants or reg.visible_to(record.tenant)):
+            raise not_found(name)
+        return reg
+
     # -- routes --------------------------------------------------------------------------------
 
     @app.get("/health")
@@ -190,10 +223,8 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
-        if not config.public_metrics:
-            record = caller(request)
-            if record.role != "admin":
-                raise APIError(403, "/metrics needs an admin key (or public_metrics: true).", code="admin_required")
+        if not config.public_metrics:  # it names every tenant and adapter
+            global_admin(caller(request), "/metrics (or public_metrics: true)")
         stats = service.engine.stats()
         metrics.queue_depth.set(stats["queue_depth"])
         metrics.batch_size.set(stats["batch_size"])
@@ -206,18 +237,27 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(key: KeyRecord = Depends(caller)) -> dict[str, Any]:  # noqa: B008
-        return ModelList(data=service.models(key)).model_dump()
+        return {"object": "list", "data": [card.to_json() for card in service.models(key)]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str, key: KeyRecord = Depends(caller)) -> dict[str, Any]:  # noqa: B008
-        return service.model(key, model_id).model_dump()
+        return service.model(key, model_id).to_json()
 
-    async def respond(stream: bool, items: AsyncIterator[dict[str, Any]]) -> Response:
+    async def respond(request: Request, stream: bool, items: AsyncIterator[dict[str, Any]]) -> Response:
         if not stream:
-            body = None
-            async for item in items:
-                body = item
-            return JSONResponse(body)
+            # The work is cancelled if the client leaves: nobody would read its answer.
+            work = asyncio.ensure_future(_last(items))
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, APIError):
+                    await work
+                return Response(status_code=499)
+            return JSONResponse(work.result())
         # Fail before the first byte when we can (rate limits, engine errors at admission).
         first = await anext(items)
 
@@ -235,41 +275,54 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, key: KeyRecord = Depends(caller)) -> Response:  # noqa: B008
+    async def chat(request: Request, req: ChatCompletionRequest, key: KeyRecord = Depends(caller)) -> Response:  # noqa: B008
         _, items = await service.chat(key, req)
-        return await respond(req.stream, items)
+        return await respond(request, req.stream, items)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, key: KeyRecord = Depends(caller)) -> Response:  # noqa: B008
+    async def completions(request: Request, req: CompletionRequest, key: KeyRecord = Depends(caller)) -> Response:  # noqa: B008
         _, items = await service.completion(key, req)
-        return await respond(req.stream, items)
+        return await respond(request, req.stream, items)
 
     @app.get("/v1/usage")
     async def usage(request: Request, key: KeyRecord = Depends(caller)) -> dict[str, Any]:  # noqa: B008
         tenant = request.query_params.get("tenant", key.tenant)
-        if tenant != key.tenant and key.role != "admin":
-            raise APIError(403, "Only admin keys can read another tenant's usage.", code="admin_required")
+        if tenant != key.tenant:
+            global_admin(key, "Reading another tenant's usage")
         return service.usage.summary(tenant)
 
     @app.get("/v1/admin/adapters")
     async def admin_adapters(key: KeyRecord = Depends(admin)) -> dict[str, Any]:  # noqa: B008
         loaded = set(cache.loaded()) if cache else set()
-        return {"data": [{**asdict(r), "loaded": r.name in loaded} for r in store.registrations()]}
+        mine = [r for r in store.registrations() if key.all_tenants or r.visible_to(key.tenant)]
+        return {"data": [{**asdict(r), "loaded": r.name in loaded} for r in mine]}
 
     @app.post("/v1/admin/adapters/load")
     async def admin_load(req: LoadRequest, key: KeyRecord = Depends(admin)) -> dict[str, Any]:  # noqa: B008
-        reg = store.get(req.name)
-        if reg is None:
-            raise not_found(req.name)
-        await service.load(reg)
-        audit.record(f"key:{key.id}", "adapter.load", req.name, tenant=key.tenant)
+        reg = administered(key, req.name)
+        with audit.action(f"key:{key.id}", "adapter.load", req.name, tenant=key.tenant):
+            await service.load(reg)
         return {"name": req.name, "loaded": True}
 
     @app.post("/v1/admin/adapters/unload")
     async def admin_unload(req: LoadRequest, key: KeyRecord = Depends(admin)) -> dict[str, Any]:  # noqa: B008
-        if cache is None or not cache.unload(req.name):
-            raise APIError(404, f"adapter {req.name!r} is not loaded", code="not_loaded", param="name")
-        audit.record(f"key:{key.id}", "adapter.unload", req.name, tenant=key.tenant)
+        administered(key, req.name)
+        with audit.action(f"key:{key.id}", "adapter.unload", req.name, tenant=key.tenant):
+            if cache is None or not cache.unload(req.name):
+                raise APIError(404, f"adapter {req.name!r} is not loaded", code="not_loaded", param="name")
         return {"name": req.name, "loaded": False}
 
     return app
+
+
+async def _last(items: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    body = None
+    async for item in items:
+        body = item
+    return body
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has gone (the body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -33,9 +33,27 @@ class ServeConfig:
     max_concurrent_requests: int = 16
     max_body_bytes: int = 1_000_000
     request_timeout_s: float = 300.0
-    max_context_tokens: int | None = None
-    """Longest prompt + completion (default: the model's context). The KV pool grows to at most
-    max_batch_size × this many positions (about 46 KB each on the default model)."""
+    max_context_tokens: int | None = 4096
+    """Longest prompt + completion (null: the model's own context; the smaller of the two applies).
+    The KV pool grows to at most max_batch_size × this many positions (about 46 KB each on the
+    default model), and never past kv_cache_mb."""
+    kv_cache_mb: int = 4096
+    """Memory the KV pool may take. A request that would need more positions than fit is answered
+    503 (kv_budget_exceeded) instead of growing the pool until the process is killed."""
+    max_prefill_tokens: int = 4096
+    """Prompt tokens prefilled between two decode steps, so that a flood of prompts cannot stall the
+    streams already running (one request is always admitted, however long)."""
+    max_queued_per_tenant: int | None = None
+    """Requests of one tenant waiting for a batch slot at once; more get 429 (default: 2 × max_batch_size)."""
+    max_echo_tokens: int = 1024
+    """Longest prompt that a completion with echo and logprobs scores (its logits cost vocab × 4 bytes a token)."""
+    max_lora_rank: int = 64
+    """Highest LoRA rank an adapter may have to be loaded."""
+    adapter_loads_per_minute: int = 30
+    """Adapters one key may have loaded from disk per minute (requests to loaded adapters do not count)."""
+    max_loaded_adapters_per_tenant: int | None = None
+    """Places of the adapter cache one tenant may hold (default: half of max_loaded_adapters); a tenant
+    at its quota replaces its own adapters, not other tenants'."""
     default_max_tokens: int = 512
     """Chat completions without max_tokens generate up to this many tokens (or to the context end)."""
     price_per_1k_prompt_tokens: float = 0.0
@@ -74,6 +92,11 @@ class ServeConfig:
             "max_concurrent_requests",
             "max_body_bytes",
             "default_max_tokens",
+            "kv_cache_mb",
+            "max_prefill_tokens",
+            "max_echo_tokens",
+            "max_lora_rank",
+            "adapter_loads_per_minute",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -88,6 +111,9 @@ class ServeConfig:
             problems.append(f"lora_kernel must be one of {', '.join(LORA_KERNELS)}, got {self.lora_kernel!r}")
         if self.prefix_cache_mb < 0:
             problems.append(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
+        for name in ("max_queued_per_tenant", "max_loaded_adapters_per_tenant"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (or null for the default), got {getattr(self, name)}")
         if self.max_context_tokens is not None and self.max_context_tokens < 2:
             problems.append(f"max_context_tokens must be >= 2, got {self.max_context_tokens}")
         if self.precision not in PRECISIONS:

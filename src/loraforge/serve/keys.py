@@ -10,15 +10,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loraforge._atomic import write_text_atomic
+from loraforge._atomic import open_private, private_directory, write_text_atomic
 from loraforge.errors import ConfigError
-from loraforge.serve.adapters import NAME_RE
+from loraforge.serve.adapters import valid_name
 
 ROLES = ("user", "admin")
 
@@ -31,6 +32,7 @@ class KeyRecord:
     role: str
     created_at: float
     revoked_at: float | None = None
+    all_tenants: bool = False  # an admin key for every tenant (``--global``); else for its own only
 
     @property
     def active(self) -> bool:
@@ -45,18 +47,32 @@ class KeyStore:
     def __init__(self, home: Path) -> None:
         self.path = home / "keys.json"
         self._lock = threading.Lock()
-        self._mtime: float | None = None
+        self._version: tuple[int, int, int] | None = None
         self._by_hash: dict[str, KeyRecord] = {}
 
-    def create(self, tenant: str, role: str = "user") -> tuple[str, KeyRecord]:
-        """A new key for ``tenant``; returns (the key — shown once —, its record)."""
-        if not NAME_RE.match(tenant):
+    def create(self, tenant: str, role: str = "user", *, all_tenants: bool = False) -> tuple[str, KeyRecord]:
+        """A new key for ``tenant``; returns (the key — shown once —, its record).
+
+        Args:
+            all_tenants: an admin key that acts for every tenant (an admin key is scoped to its
+                own tenant otherwise).
+        """
+        if not valid_name(tenant):
             raise ConfigError(f"tenant name {tenant!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
         if role not in ROLES:
             raise ConfigError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if all_tenants and role != "admin":
+            raise ConfigError("only an admin key can act for all tenants (--global needs --role admin)")
         key_id = secrets.token_hex(4)
         key = f"lf-{key_id}-{secrets.token_urlsafe(32)}"
-        record = KeyRecord(id=key_id, hash=hash_key(key), tenant=tenant, role=role, created_at=time.time())
+        record = KeyRecord(
+            id=key_id,
+            hash=hash_key(key),
+            tenant=tenant,
+            role=role,
+            created_at=time.time(),
+            all_tenants=all_tenants,
+        )
         with self._locked() as records:
             records.append(record)
         return key, record
@@ -80,15 +96,17 @@ class KeyStore:
         return record if record is not None and record.active else None
 
     def _refresh(self) -> None:
+        # The file is replaced by a rename on every change: a new inode even within one mtime tick.
         try:
-            mtime = self.path.stat().st_mtime_ns
+            info = self.path.stat()
         except FileNotFoundError:
-            self._by_hash, self._mtime = {}, None
+            self._by_hash, self._version = {}, None
             return
-        if mtime != self._mtime:
+        version = (info.st_ino, info.st_size, info.st_mtime_ns)
+        if version != self._version:
             with self._lock:
                 self._by_hash = {r.hash: r for r in self._read()}
-                self._mtime = mtime
+                self._version = version
 
     def _read(self) -> list[KeyRecord]:
         if not self.path.is_file():
@@ -105,8 +123,8 @@ class KeyStore:
             self.records: list[KeyRecord] = []
 
         def __enter__(self) -> list[KeyRecord]:
-            self.store.path.parent.mkdir(parents=True, exist_ok=True)
-            self.lock = open(self.store.path.with_suffix(".lock"), "w")
+            private_directory(self.store.path.parent)
+            self.lock = open_private(self.store.path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT)
             fcntl.flock(self.lock, fcntl.LOCK_EX)
             self.records = self.store._read()
             return self.records
@@ -116,7 +134,6 @@ class KeyStore:
                 if exc_type is None:
                     body = {"keys": [asdict(r) for r in self.records]}
                     write_text_atomic(self.store.path, json.dumps(body, indent=2))
-                    self.store.path.chmod(0o600)
             finally:
                 self.lock.close()
 

@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_CHOICES = 4
 MAX_STOP = 4
+MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20
+SEED_LIMIT = 2**63  # seeds are signed 64-bit integers
 
 
 class _Strict(BaseModel):
@@ -49,7 +51,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     user: str | None = None
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end of turn before this many tokens
     # Accepted only at their neutral values (see the module docstring).
@@ -62,6 +64,9 @@ class _Sampling(_Strict):
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(v)}")
+        for stop in [v] if isinstance(v, str) else v or []:
+            if len(stop) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters, got {len(stop)}")
         return v
 
     @model_validator(mode="after")
@@ -119,6 +124,16 @@ class ModelCard(BaseModel):
     owned_by: str
     parent: str | None = None
     root: str
+    # For admin keys only: exceptions to data governance taken in training, and why a public
+    # adapter was published without a passed governance record.
+    governance_flags: list[str] | None = None
+    governance_override: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """OpenAI's model object; the governance fields only for an adapter shown to an admin."""
+        if self.governance_flags is None:
+            return self.model_dump(exclude={"governance_flags", "governance_override"})
+        return self.model_dump()
 
 
 class ModelList(BaseModel):

@@ -288,6 +288,7 @@ class LlamaRunner:
         # rotate_half(x)·sin == roll(x, half)·[-sin₁, sin₂]: one op fewer per layer.
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype).contiguous()
         self.capacity = 0
+        self.max_capacity = self.context_length
         self.kv = torch.empty(0)
         # Stacked adapter weights per combination of adapters in a step (holding the adapters alive,
         # so their ids stay unique while cached).
@@ -353,12 +354,28 @@ class LlamaRunner:
 
     # -- the KV pool --------------------------------------------------------------------------
 
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """Bytes of keys and values one position of one slot takes in the pool."""
+        return len(self.layers) * 2 * self.kv_heads * self.head_dim * int(self.dtype.itemsize)
+
+    def limit_kv_pool(self, max_bytes: int) -> int:
+        """Let the pool grow to at most ``max_bytes``; returns the positions per slot that fit."""
+        self.max_capacity = min(self.context_length, max_bytes // (self.max_slots * self.kv_bytes_per_position))
+        return self.max_capacity
+
     @torch.inference_mode()
     def reserve(self, length: int) -> None:
-        """Make every slot hold at least ``length`` positions (grows in steps of 256)."""
+        """Make every slot hold at least ``length`` positions (grows in steps of 256).
+
+        Raises:
+            MemoryError: more positions than the pool's memory budget allows (``limit_kv_pool``).
+        """
         if length <= self.capacity:
             return
-        capacity = min(self.context_length, -(-length // 256) * 256)
+        if length > self.max_capacity:
+            raise MemoryError(f"{length} positions per slot exceed the KV pool's budget of {self.max_capacity}")
+        capacity = min(self.max_capacity, -(-length // 256) * 256)
         kv = torch.zeros(len(self.layers), 2, self.max_slots, self.kv_heads, capacity, self.head_dim, dtype=self.dtype)
         if self.capacity:
             kv[..., : self.capacity, :] = self.kv
@@ -371,6 +388,8 @@ class LlamaRunner:
     @torch.inference_mode()
     def move(self, moves: Sequence[tuple[int, int]]) -> None:
         """Copy the KV of slot ``src`` to slot ``dst`` for each pair, in order."""
+        if not self.capacity:  # nothing prefilled yet (rows placed before their first prefill)
+            return
         for src, dst in moves:
             self.kv[:, :, dst] = self.kv[:, :, src]
 
@@ -421,6 +440,8 @@ class LlamaRunner:
         prompts: Sequence[Sequence[int]],
         loras: Sequence[LoraLayers | None],
         past: Sequence[int] | None = None,
+        *,
+        all_logits: bool = False,
     ) -> torch.Tensor:
         """Several prompts in one forward pass (their tokens side by side, attention kept within
         each prompt), filling each one's slot. Prompts of one adapter should be adjacent, so that
@@ -481,7 +502,7 @@ class LlamaRunner:
             return out
 
         h = self._layers(self._embed(ids), self.cos[positions], self.sin[positions], _PerSegment(segments), attend)
-        return linear(h[torch.tensor(starts[1:]) - 1], self.lm_head)
+        return linear(h if all_logits else h[torch.tensor(starts[1:]) - 1], self.lm_head)
 
     @torch.inference_mode()
     def read_prefix(self, slot: int, start: int, end: int) -> torch.Tensor:

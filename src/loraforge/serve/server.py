@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import torch
 from fastapi import FastAPI
 
+from loraforge._atomic import private_directory
+from loraforge.errors import ConfigError
 from loraforge.govern.audit import AuditLog
 from loraforge.home import model_cache_dir
 from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
@@ -33,6 +35,7 @@ from loraforge.serve.usage import UsageLedger
 from loraforge.train.lora import resolve_precision
 
 T = TypeVar("T")
+EXIT_ENGINE_DIED = 70  # EX_SOFTWARE: the engine thread stopped on an error
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
 
 
@@ -69,8 +72,15 @@ class Server:
     base: BaseModel
 
 
-def build_server(config: ServeConfig, home: Path) -> Server:
-    """Load the base model, start the engine and build the app (the engine thread is running)."""
+def build_server(
+    config: ServeConfig, home: Path, *, on_engine_death: Callable[[BaseException], None] | None = None
+) -> Server:
+    """Load the base model, start the engine and build the app (the engine thread is running).
+
+    Args:
+        on_engine_death: called if the engine thread stops on an error (``run_server`` exits then).
+    """
+    private_directory(home)  # keys' hashes, usage, adapters and the audit log: this user's only
     if config.threads:
         torch.set_num_threads(config.threads)
     # Resolving may dequantize a packaged model (tensor work) the first time: in a thread that
@@ -99,14 +109,35 @@ def build_server(config: ServeConfig, home: Path) -> Server:
         stop_tokens=[int(t) for t in stop_tokens if isinstance(t, int)],
         observer=metrics,
         prefix_cache=PrefixCache(config.prefix_cache_mb * 2**20) if config.prefix_cache_mb else None,
+        max_queued_per_tenant=config.max_queued_per_tenant,
+        max_prefill_tokens=config.max_prefill_tokens,
+        on_death=on_engine_death,
     )
     if config.max_context_tokens:
         engine.context_length = min(engine.context_length, config.max_context_tokens)
-    store = AdapterStore(home)
+    positions = engine.runner.limit_kv_pool(config.kv_cache_mb * 2**20)
+    if positions < min(engine.context_length, 256):
+        engine.close()
+        raise ConfigError(
+            f"kv_cache_mb {config.kv_cache_mb} holds only {positions} positions for each of the "
+            f"{config.max_batch_size} batch slots; raise kv_cache_mb or lower max_batch_size"
+        )
+    store = AdapterStore(home, reserved_names={base.model_id, base.name}, max_rank=config.max_lora_rank)
     cache = AdapterCache(
-        store, engine.runner, base_sha256=base.sha256, capacity=config.max_loaded_adapters, run=engine.call
+        store,
+        engine.runner,
+        base_sha256=base.sha256,
+        capacity=config.max_loaded_adapters,
+        per_tenant=config.max_loaded_adapters_per_tenant,
+        max_rank=config.max_lora_rank,
+        run=engine.call,
     )
-    limits = Limits(config.requests_per_minute, config.tokens_per_minute, config.max_concurrent_requests)
+    limits = Limits(
+        config.requests_per_minute,
+        config.tokens_per_minute,
+        config.max_concurrent_requests,
+        config.adapter_loads_per_minute,
+    )
     service = InferenceService(
         engine,
         store=store,
@@ -121,6 +152,7 @@ def build_server(config: ServeConfig, home: Path) -> Server:
         default_max_tokens=config.default_max_tokens,
         request_timeout_s=config.request_timeout_s,
         created=int(time.time()),
+        max_echo_tokens=config.max_echo_tokens,
     )
     app = create_app(
         config, service, keys=KeyStore(home), store=store, cache=cache, audit=AuditLog(home), metrics=metrics
@@ -151,7 +183,13 @@ def run_server(config: ServeConfig, home: Path) -> None:
 
     configure_logging()
     log = logging.getLogger("loraforge.serve")
-    server = build_server(config, home)
+    stopping: list[Any] = []  # the uvicorn server, once it exists
+
+    def engine_died(error: BaseException) -> None:
+        for uv_server in stopping:
+            uv_server.should_exit = True
+
+    server = build_server(config, home, on_engine_death=engine_died)
     log.info(
         "serving",
         extra={
@@ -167,4 +205,14 @@ def run_server(config: ServeConfig, home: Path) -> None:
             }
         },
     )
-    uvicorn.run(server.app, host=config.host, port=config.port, log_config=None, access_log=False)
+    uv = uvicorn.Server(
+        uvicorn.Config(server.app, host=config.host, port=config.port, log_config=None, access_log=False)
+    )
+    stopping.append(uv)
+    if server.engine.died is not None:  # it died while the server was being built
+        raise SystemExit(EXIT_ENGINE_DIED)
+    uv.run()
+    if server.engine.died is not None:
+        # Requests were answered 503 from the moment it died; a supervisor restarts the process.
+        log.critical("exiting: the inference engine stopped on an error")
+        raise SystemExit(EXIT_ENGINE_DIED)

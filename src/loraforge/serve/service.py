@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from loraforge.errors import LoraforgeError, ModelError
 from loraforge.serve.adapters import AdapterCache, AdapterStore, LoadedAdapter, Registration
 from loraforge.serve.engine import (
     Engine,
+    EngineBusy,
+    EngineUnavailable,
     ErrorEvent,
     FinishEvent,
     Generation,
@@ -78,6 +81,19 @@ class APIError(LoraforgeError):
                 "code": self.code,
             }
         }
+
+
+_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/:]+/)*([^\s'\"/:]+)")
+
+
+def public_message(error: Exception) -> str:
+    """``error``'s message without absolute paths (each becomes its last component): what a
+    client may read about a file of the server's."""
+    return _PATH.sub(r"\1", str(error))
+
+
+def engine_unavailable() -> APIError:
+    return APIError(503, "the inference engine is not running; retry shortly", code="engine_down", retry_after=5)
 
 
 def not_found(model: str) -> APIError:
@@ -141,6 +157,7 @@ class InferenceService:
         default_max_tokens: int,
         request_timeout_s: float,
         created: int,
+        max_echo_tokens: int = 1024,
     ) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -152,12 +169,14 @@ class InferenceService:
         self.default_max_tokens = default_max_tokens
         self.request_timeout_s = request_timeout_s
         self.created = created
+        self.max_echo_tokens = max_echo_tokens
 
     # -- models -------------------------------------------------------------------------------
 
     def models(self, key: KeyRecord) -> list[ModelCard]:
         base = self.engine.model_id
         cards = [ModelCard(id=base, created=self.created, owned_by="loraforge", root=base)]
+        admin = key.role == "admin"
         for reg in self.store.registrations():
             if reg.visible_to(key.tenant):
                 cards.append(
@@ -167,6 +186,8 @@ class InferenceService:
                         owned_by="public" if reg.public else reg.tenant or "",
                         parent=base,
                         root=base,
+                        governance_flags=list(reg.governance_flags) if admin else None,
+                        governance_override=reg.governance_override if admin else None,
                     )
                 )
         return cards
@@ -177,34 +198,113 @@ class InferenceService:
                 return card
         raise not_found(name)
 
-    async def resolve(self, key: KeyRecord, model: str) -> LoadedAdapter | None:
-        """The adapter the caller may use under the name ``model`` (None = the base model)."""
+    def registration(self, key: KeyRecord, model: str) -> Registration | None:
+        """The adapter registration the caller may use under the name ``model`` (None = the base model)."""
         if model == self.engine.model_id:
             return None
         reg = self.store.get(model)
         if reg is None or not reg.visible_to(key.tenant):
             raise not_found(model)
-        return await self.load(reg)
+        return reg
 
-    async def load(self, reg: Registration) -> LoadedAdapter:
-        """The registered adapter in memory, loaded (and verified) on first use."""
+    async def resolve(self, key: KeyRecord, model: str) -> LoadedAdapter | None:
+        """The adapter the caller may use under the name ``model`` (None = the base model), in memory."""
+        reg = self.registration(key, model)
+        return None if reg is None else await self.load(reg, key)
+
+    async def load(self, reg: Registration, key: KeyRecord | None = None) -> LoadedAdapter:
+        """The registered adapter in memory, loaded (and verified) on first use.
+
+        A load from disk counts against ``key``'s adapter loads per minute; the place it takes in
+        memory is charged to ``key``'s tenant.
+        """
         if self.cache is None:
             raise not_found(reg.name)
+        if key is not None and not self.cache.is_loaded(reg):
+            try:
+                self.limiter.load_adapter(key.id)
+            except LimitExceeded as e:
+                raise APIError(429, str(e), code="adapter_load_limit", retry_after=e.retry_after) from e
+        tenant = key.tenant if key is not None else None
         try:
-            return await asyncio.to_thread(self.cache.get, reg)
+            return await asyncio.to_thread(self.cache.get, reg, tenant)
+        except EngineUnavailable as e:
+            raise engine_unavailable() from e
         except ModelError as e:
-            raise APIError(400, f"The model '{reg.name}' cannot be served: {e}", code="model_incompatible") from e
+            log.warning("adapter %s cannot be served: %s", reg.name, e)
+            raise APIError(
+                400, f"The model '{reg.name}' cannot be served: {public_message(e)}", code="model_incompatible"
+            ) from e
 
     # -- admission ----------------------------------------------------------------------------
 
     async def _start(
-        self, key: KeyRecord, model: str, prompts: list[list[int]], max_tokens: int | None, n: int
-    ) -> tuple[Call, int]:
-        adapter = await self.resolve(key, model)
-        context = self.engine.context_length
-        longest = max(len(p) for p in prompts)
+        self,
+        key: KeyRecord,
+        model: str,
+        tokenize: Callable[[], list[list[int]]],
+        max_tokens: int | None,
+        n: int,
+        *,
+        echo: bool = False,
+    ) -> tuple[Call, list[list[int]], int]:
+        """Admit a request, cheapest checks first: the key's request limits, the model's name,
+        then (off the event loop) the prompts' tokens, their size, the key's token budget, and
+        last the adapter's load. Returns the call, the prompts' token ids and the resolved max_tokens.
+        """
+        try:
+            self.limiter.begin(key.id)
+        except LimitExceeded as e:
+            raise APIError(429, str(e), code="rate_limit_exceeded", retry_after=e.retry_after) from e
+        reserved = 0
+        try:
+            reg = self.registration(key, model)
+            prompts = await asyncio.to_thread(tokenize)
+            max_tokens = self._check_size(prompts, max_tokens, n, echo=echo)
+            reserved = sum(len(p) for p in prompts) + max_tokens * n * len(prompts)
+            try:
+                self.limiter.reserve(key.id, reserved)
+            except LimitExceeded as e:
+                reserved = 0
+                raise APIError(429, str(e), code="rate_limit_exceeded", retry_after=e.retry_after) from e
+            adapter = None if reg is None else await self.load(reg, key)
+        except BaseException:
+            self.limiter.end(key.id, reserved, 0)
+            raise
+        call = Call(
+            request_id=f"{uuid.uuid4().hex[:24]}",
+            key=key,
+            model=model,
+            adapter=adapter,
+            prompt_tokens=sum(len(p) for p in prompts),
+            reserved=reserved,
+            started=time.perf_counter(),
+        )
+        return call, prompts, max_tokens
+
+    def _check_size(self, prompts: list[list[int]], max_tokens: int | None, n: int, *, echo: bool) -> int:
+        """Refuse work the server will not take on; returns ``max_tokens`` resolved."""
+        batch = self.engine.max_batch_size
+        if len(prompts) * n > batch:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts × n={n} make {len(prompts) * n} generations; this server runs at most "
+                f"{batch} at once (max_batch_size). Send fewer prompts per request",
+                param="prompt",
+                code="too_many_prompts",
+            )
         if min(len(p) for p in prompts) == 0:
             raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+        context = self.engine.context_length
+        longest = max(len(p) for p in prompts)
+        if echo and longest > self.max_echo_tokens:
+            raise APIError(
+                400,
+                f"echo with logprobs scores every prompt token; this server does it for prompts of at most "
+                f"{self.max_echo_tokens} tokens (max_echo_tokens), and this one has {longest}",
+                param="prompt",
+                code="echo_prompt_too_long",
+            )
         if max_tokens is None:
             max_tokens = max(1, min(self.default_max_tokens, context - longest))
         if longest + max_tokens > context:
@@ -216,24 +316,20 @@ class InferenceService:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        reserved = sum(len(p) for p in prompts) + max_tokens * n * len(prompts)
-        try:
-            self.limiter.acquire(key.id, reserved)
-        except LimitExceeded as e:
-            raise APIError(429, str(e), code="rate_limit_exceeded", retry_after=e.retry_after) from e
-        call = Call(
-            request_id=f"{uuid.uuid4().hex[:24]}",
-            key=key,
-            model=model,
-            adapter=adapter,
-            prompt_tokens=sum(len(p) for p in prompts),
-            reserved=reserved,
-            started=time.perf_counter(),
-        )
-        return call, max_tokens
+        positions = self.engine.kv_positions
+        if longest + max_tokens > positions:
+            raise APIError(
+                503,
+                f"this request needs {longest + max_tokens} positions of key/value memory, but the server's "
+                f"budget (kv_cache_mb) holds {positions} per request; send a shorter prompt or a lower max_tokens",
+                param="max_tokens",
+                code="kv_budget_exceeded",
+                retry_after=1,
+            )
+        return max_tokens
 
     def _finish(self, call: Call, status: int) -> None:
-        self.limiter.release(call.key.id, call.reserved, call.prompt_tokens + call.completion_tokens)
+        self.limiter.end(call.key.id, call.reserved, call.prompt_tokens + call.completion_tokens)
         entry = self.usage.record(
             request_id=call.request_id,
             tenant=call.key.tenant,
@@ -265,26 +361,32 @@ class InferenceService:
         )
 
     def _submit(self, call: Call, prompts: list[list[int]], params: SamplingParams, n: int) -> list[Generation]:
-        """Hand the prompts to the engine; on failure nothing stays queued and the call is settled."""
-        gens: list[Generation] = []
+        """Hand the prompts to the engine, all or none; on failure the call is settled."""
+        adapter = call.adapter.registration if call.adapter else None
+        requests = [
+            GenerationRequest(
+                request_id=call.request_id,
+                prompt=prompt,
+                params=params,
+                adapter=adapter.name if adapter else None,
+                lora=call.adapter.lora if call.adapter else None,
+                n=n,
+                cache_scope=cache_scope(call.key.tenant, adapter),
+                tenant=call.key.tenant,
+            )
+            for prompt in prompts
+        ]
         try:
-            for prompt in prompts:
-                request = GenerationRequest(
-                    request_id=call.request_id,
-                    prompt=prompt,
-                    params=params,
-                    adapter=call.adapter.registration.name if call.adapter else None,
-                    lora=call.adapter.lora if call.adapter else None,
-                    n=n,
-                    cache_scope=cache_scope(call.key.tenant, call.adapter.registration if call.adapter else None),
-                )
-                gens.append(self.engine.submit(request))
+            return self.engine.submit_all(requests)
         except ValueError as e:  # more choices than the engine's batch can hold
-            for gen in gens:
-                gen.cancel()
             self._finish(call, 400)
             raise APIError(400, str(e), param="n") from e
-        return gens
+        except EngineBusy as e:
+            self._finish(call, 429)
+            raise APIError(429, str(e), code="queue_full", retry_after=e.retry_after) from e
+        except EngineUnavailable as e:
+            self._finish(call, 503)
+            raise engine_unavailable() from e
 
     async def _events(self, call: Call, gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
         """Events of all generations, tagged with the generation's position, within the timeout."""
@@ -339,9 +441,8 @@ class InferenceService:
     async def chat(self, key: KeyRecord, req: ChatCompletionRequest) -> tuple[Call, AsyncIterator[dict[str, Any]]]:
         """Start a chat completion. Returns the call and its stream of response chunks
         (streaming) or a one-item stream with the whole response."""
-        prompt = self.chat_prompt(req)
-        call, max_tokens = await self._start(
-            key, req.model, [prompt], req.max_completion_tokens or req.max_tokens, req.n
+        call, (prompt,), max_tokens = await self._start(
+            key, req.model, lambda: [self.chat_prompt(req)], req.max_completion_tokens or req.max_tokens, req.n
         )
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -464,10 +565,16 @@ class InferenceService:
         return out
 
     async def completion(self, key: KeyRecord, req: CompletionRequest) -> tuple[Call, AsyncIterator[dict[str, Any]]]:
-        prompts = self.completion_prompts(req)
         if req.max_tokens == 0 and req.stream:
             raise APIError(400, "max_tokens 0 (scoring the prompt) cannot be streamed", param="stream")
-        call, max_tokens = await self._start(key, req.model, prompts, req.max_tokens, req.n)
+        call, prompts, max_tokens = await self._start(
+            key,
+            req.model,
+            lambda: self.completion_prompts(req),
+            req.max_tokens,
+            req.n,
+            echo=req.echo and req.logprobs is not None,
+        )
         want = req.logprobs
         params = SamplingParams(
             max_tokens=max_tokens if req.max_tokens != 0 else 0,

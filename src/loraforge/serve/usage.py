@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from loraforge._atomic import open_private, private_directory
 
 
 class UsageLedger:
@@ -45,8 +48,8 @@ class UsageLedger:
             "cost": self.cost(prompt_tokens, completion_tokens),
         }
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
+            private_directory(self.path.parent)
+            with open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, text=True) as f:
                 f.write(json.dumps(entry) + "\n")
             self._add(entry)
         return entry
