@@ -4,11 +4,11 @@ The quiet tenant streams chat completions one after another (greedy, a fixed num
 first alone (the baseline, in the same run), then while the noisy tenant's clients send, without
 pause, every kind of request that used to degrade the service for others:
 
-- completions with as many prompts as the batch holds, scoring only (``max_tokens`` 0);
-- completions with as many prompts as the batch holds, generating long answers;
-- chats with four stop strings of 256 characters, a temperature of 1e-300, the largest seed with
-  four choices, and echo-with-logprobs over a long prompt;
-- requests that cycle through more adapters than the adapter cache holds.
+- completions with 3,000 one-token prompts, and with as many prompts as the batch holds, scoring
+  only (``max_tokens`` 0);
+- chats with four stop strings of 256 characters, a temperature of 1e-300, a seed of 2^64, the
+  largest seed with four choices, and echo-with-logprobs over a 900-token prompt;
+- chats that cycle through more adapters than the adapter cache holds.
 
 It reports the quiet tenant's latency (whole stream) and time to first token, p50 and p99, quiet
 and flooded, their ratio (target: p99 within 2× of the quiet run), the noisy tenant's answers by
@@ -39,15 +39,17 @@ def noisy_requests(base_model: str, adapters: list[str], batch: int) -> list[tup
     """The noisy tenant's worst requests, as (path, body), sent round-robin."""
     long_stop = ["\u2603" + "x" * 255, "y" * 256, "zz" * 128, "#" * 256]
     chat = [{"role": "user", "content": "Tell me a very long story about the sea."}]
+
+    def ask(**extra: Any) -> tuple[str, dict[str, Any]]:
+        return "/v1/chat/completions", {"model": base_model, "messages": chat, "max_tokens": 16, **extra}
+
     requests: list[tuple[str, dict[str, Any]]] = [
-        ("/v1/completions", {"model": base_model, "prompt": [[1]] * batch, "max_tokens": 0}),
-        ("/v1/completions", {"model": base_model, "prompt": ["Once upon a time"] * batch, "max_tokens": 64}),
-        ("/v1/chat/completions", {"model": base_model, "messages": chat, "stop": long_stop, "max_tokens": 64}),
-        ("/v1/chat/completions", {"model": base_model, "messages": chat, "temperature": 1e-300, "max_tokens": 64}),
-        (
-            "/v1/chat/completions",
-            {"model": base_model, "messages": chat, "seed": 2**63 - 1, "n": 4, "temperature": 1.0, "max_tokens": 64},
-        ),
+        ("/v1/completions", {"model": base_model, "prompt": [[1]] * 3000, "max_tokens": 0}),  # refused: too many
+        ("/v1/completions", {"model": base_model, "prompt": [[1, 2, 3]] * batch, "max_tokens": 0}),  # scoring only
+        ask(stop=long_stop),
+        ask(temperature=1e-300),
+        ask(seed=2**64),  # refused: out of range
+        ask(seed=2**63 - 1, n=4, temperature=1.0),
         (
             "/v1/completions",
             {"model": base_model, "prompt": "word " * 900, "max_tokens": 0, "echo": True, "logprobs": 5},
@@ -181,23 +183,23 @@ def main() -> None:
     parser.add_argument("--victim-requests", type=int, default=20)
     parser.add_argument("--noisy-clients", type=int, default=6)
     parser.add_argument("--adapters", type=int, default=10, help="adapters the noisy tenant cycles through")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None, help="the server setting (default: its own)")
     args = parser.parse_args()
 
-    import shutil
+    import os
+    import subprocess
+    import sys
 
-    import uvicorn
+    import httpx
 
-    from loraforge.models.sources import DEFAULT_BASE_MODEL
     from loraforge.serve.adapters import AdapterStore
-    from loraforge.serve.config import ServeConfig
     from loraforge.serve.keys import KeyStore
-    from loraforge.serve.server import build_server
-    from serve_throughput import _free_port, make_adapters  # beside this script
+    from serve_throughput import _cache, _free_port, make_adapters  # beside this script
 
     print(f"CPU: {cpu_features()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
-        dirs, _ = make_adapters(Path(tmp) / "adapters")
+        dirs, base = make_adapters(Path(tmp) / "adapters")
         store = AdapterStore(home)
         names = []
         for i in range(args.adapters):
@@ -205,33 +207,53 @@ def main() -> None:
             store.add(dirs[i % len(dirs)], names[-1], tenant="noisy")
         victim_key = KeyStore(home).create("quiet")[0]
         noisy_key = KeyStore(home).create("noisy")[0]
+        admin_key = KeyStore(home).create("ops", "admin", all_tenants=True)[0]
         port = _free_port()
-        config = ServeConfig(base_model=DEFAULT_BASE_MODEL, port=port, max_loaded_adapters=4)
-        server = build_server(config, home)
-        uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_config=None))
-        thread = threading.Thread(target=uv.run, daemon=True)
-        thread.start()
-        while not uv.started:
-            time.sleep(0.05)
+        settings = "max_loaded_adapters: 4\n"
+        if args.max_prefill_tokens:
+            settings += f"max_prefill_tokens: {args.max_prefill_tokens}\n"
+        (home / "serve.yaml").write_text(settings)
+        # The server in a process of its own, as in production: the clients' Python does not share its GIL.
+        command = [sys.executable, "-m", "loraforge", "serve", "--home", str(home), "--port", str(port)]
+        server = subprocess.Popen(
+            [*command, "--config", str(home / "serve.yaml")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(home / "server.log", "wb"),  # noqa: SIM115
+            env={**os.environ, "LORAFORGE_MODEL_CACHE": str(_cache())},
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            url = f"http://127.0.0.1:{port}"
-            requests = noisy_requests(server.engine.model_id, names, config.max_batch_size)
+            deadline = time.time() + 300
+            while True:
+                try:
+                    if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"the server did not start; see {home / 'server.log'}")
+                time.sleep(0.25)
+            model = base.model_id
             figures = run_scenario(
                 url,
                 victim_key,
                 noisy_key,
-                requests,
-                model=server.engine.model_id,
+                noisy_requests(model, names, 16),
+                model=model,
                 victim_requests=args.victim_requests,
                 noisy_clients=args.noisy_clients,
             )
-            figures["preemptions"] = server.engine.stats()["preemptions"]
-            figures["cpu"] = cpu_features()
+            metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {admin_key}"}, timeout=10).text
+            figures["preemptions"] = next(
+                int(float(line.split()[-1]))
+                for line in metrics.splitlines()
+                if line.startswith("loraforge_preemptions ")
+            )
         finally:
-            uv.should_exit = True
-            thread.join(timeout=30)
-            server.engine.close()
-        shutil.rmtree(home, ignore_errors=True)
+            server.terminate()
+            server.wait(timeout=30)
+        figures["max_prefill_tokens"] = args.max_prefill_tokens or "default"
+        figures["cpu"] = cpu_features()
     q, f = figures["quiet"], figures["flooded"]
     print(f"{'':22}{'quiet':>10}{'flooded':>10}")
     for key in ("p50_s", "p99_s", "ttft_p50_s", "ttft_p99_s"):

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import asdict
 from typing import Any
 
@@ -34,6 +34,7 @@ from loraforge.serve.protocol import ChatCompletionRequest, CompletionRequest, L
 from loraforge.serve.service import APIError, InferenceService, not_found, sse
 
 log = logging.getLogger("loraforge.serve")
+LIMITED = ("/v1/chat/completions", "/v1/completions")  # the routes a key's request limits apply to
 ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
@@ -55,10 +56,18 @@ class Envelope:
     client disconnects pass through untouched.
     """
 
-    def __init__(self, app: Any, *, max_body_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_body_bytes: int,
+        metrics: Metrics,
+        refuse: Callable[[str], APIError | None] = lambda _: None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.refuse = refuse  # the Authorization header → an error to answer before the body is read
 
     async def _too_large(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.metrics.errors.labels("body_too_large").inc()
@@ -84,6 +93,12 @@ class Envelope:
             await send(message)
 
         try:
+            refused = self.refuse(headers.get(b"authorization", b"").decode("latin-1")) if path in LIMITED else None
+            if refused is not None:  # a rate-limited key: answered before its body is read or parsed
+                self.metrics.errors.labels(refused.code or str(refused.status)).inc()
+                response = JSONResponse(refused.body(), status_code=refused.status, headers=_retry(refused))
+                await response(scope, receive, send_with_id)
+                return
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 await self._too_large(scope, receive, send_with_id)
@@ -136,8 +151,7 @@ def create_app(
 
     def error_response(err: APIError) -> JSONResponse:
         metrics.errors.labels(err.code or str(err.status)).inc()
-        headers = {"Retry-After": str(err.retry_after)} if err.retry_after and err.status in (429, 503) else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        return JSONResponse(err.body(), status_code=err.status, headers=_retry(err))
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError) -> JSONResponse:
@@ -165,7 +179,17 @@ def create_app(
         log.exception("unexpected error")
         return error_response(APIError(500, "internal server error", code="internal_error"))
 
-    app.add_middleware(Envelope, max_body_bytes=config.max_body_bytes, metrics=metrics)
+    def refuse(authorization: str) -> APIError | None:
+        scheme, _, token = authorization.partition(" ")
+        record = keys.authenticate(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if record is None:
+            return None  # the route answers 401 with its own message
+        limited = service.limiter.refuses(record.id)
+        if limited is None:
+            return None
+        return APIError(429, str(limited), code="rate_limit_exceeded", retry_after=limited.retry_after)
+
+    app.add_middleware(Envelope, max_body_bytes=config.max_body_bytes, metrics=metrics, refuse=refuse)
 
     # -- auth ----------------------------------------------------------------------------------
 
@@ -228,6 +252,7 @@ def create_app(
         stats = service.engine.stats()
         metrics.queue_depth.set(stats["queue_depth"])
         metrics.batch_size.set(stats["batch_size"])
+        metrics.preemptions.set(stats.get("preemptions", 0))
         metrics.loaded_adapters.set(len(cache.loaded()) if cache else 0)
         if "prefix_cache_bytes" in stats:
             metrics.prefix_cache_bytes.set(stats["prefix_cache_bytes"])
@@ -313,6 +338,10 @@ def create_app(
         return {"name": req.name, "loaded": False}
 
     return app
+
+
+def _retry(err: APIError) -> dict[str, str] | None:
+    return {"Retry-After": str(err.retry_after)} if err.retry_after and err.status in (429, 503) else None
 
 
 async def _last(items: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:

@@ -40,9 +40,11 @@ class ServeConfig:
     kv_cache_mb: int = 4096
     """Memory the KV pool may take. A request that would need more positions than fit is answered
     503 (kv_budget_exceeded) instead of growing the pool until the process is killed."""
-    max_prefill_tokens: int = 4096
-    """Prompt tokens prefilled between two decode steps, so that a flood of prompts cannot stall the
-    streams already running (one request is always admitted, however long)."""
+    max_prefill_tokens: int = 512
+    """The most prompt tokens prefilled between two decode steps while requests are decoding; within
+    it, the engine takes as many as cost about one decode step (measured as it runs), so that long
+    prompts (or a flood of them) slow the running streams by at most about half. With nothing
+    decoding, a prompt is prefilled in one piece."""
     max_queued_per_tenant: int | None = None
     """Requests of one tenant waiting for a batch slot at once; more get 429 (default: 2 × max_batch_size)."""
     max_echo_tokens: int = 1024

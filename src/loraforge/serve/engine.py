@@ -265,8 +265,9 @@ class LocalEngine:
         prefix_cache: keeps prompt prefixes' keys and values for requests of the same scope.
         max_queued_per_tenant: requests of one tenant that may wait for a slot at once; more are
             refused with ``EngineBusy`` (default: twice the batch size).
-        max_prefill_tokens: prompt tokens prefilled between two decode steps while other rows
-            decode (a prompt of several choices or with echo is prefilled whole, alone if need be).
+        max_prefill_tokens: the most prompt tokens prefilled between two decode steps while other
+            rows decode; within it, as many as take about one decode step's time (measured). A
+            prompt of several choices is prefilled whole (alone if need be).
         on_death: called (from the engine thread) if the thread ends by an error, not ``close``.
     """
 
@@ -281,7 +282,7 @@ class LocalEngine:
         observer: EngineObserver | None = None,
         prefix_cache: PrefixCache | None = None,
         max_queued_per_tenant: int | None = None,
-        max_prefill_tokens: int = 4096,
+        max_prefill_tokens: int = 512,
         on_death: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
@@ -295,6 +296,8 @@ class LocalEngine:
         self.on_death = on_death
         self.died: BaseException | None = None
         self.preemptions = 0
+        self._step_s: float | None = None  # a decode step's seconds (moving average)
+        self._token_s: float | None = None  # a prefilled prompt token's seconds (moving average)
         self.steps = 0  # decode steps so far (a clock for tests of the scheduler that is not time)
         self._queues: dict[str, deque[Generation]] = {}  # per tenant, in arrival order
         self._parked: dict[str, deque[_Row]] = {}  # preempted rows per tenant, resumed first
@@ -675,13 +678,15 @@ class LocalEngine:
         row.position, row.last, row.feed, row.fed, row.prompt_open = past, tokens[past], tokens, past + 1, True
 
     def _continue_prefills(self, spent: int) -> None:
-        """Prefill the next chunk of every open prompt, within what is left of the step's budget
-        (unlimited while no row is decoding: nobody waits); finished prompts pick their first token."""
+        """Prefill the next chunk of the open prompts, within what is left of the step's budget;
+        finished prompts pick their first token."""
         rows = [r for r in self._rows if r.prompt_open]
         if not rows:
             return
+        # While rows decode, a chunk costs about one step; else up to max_prefill_tokens, so that a
+        # request arriving now waits for one chunk at most, not for a flood of prompts.
         decoding = any(not r.prompt_open for r in self._rows)
-        budget = self.max_prefill_tokens - spent if decoding else sum(1 + r.pending for r in rows)
+        budget = (self._chunk_budget() if decoding else self.max_prefill_tokens) - spent
         chunks: list[tuple[_Row, int]] = []
         for row in rows:  # in slot order: one adapter's rows side by side
             take = min(1 + row.pending, budget)
@@ -696,9 +701,18 @@ class LocalEngine:
                 if group:
                     self._prefill_chunks(group)
 
+    def _chunk_budget(self) -> int:
+        """Prompt tokens to prefill between two steps while rows decode: as many as take about one
+        decode step's time (both measured as the engine runs), so a running stream's tokens come
+        at most about twice as slowly; at least ``MIN_CHUNK``, at most ``max_prefill_tokens``."""
+        if self._step_s is None or self._token_s is None:
+            return self.max_prefill_tokens
+        return max(MIN_CHUNK, min(self.max_prefill_tokens, int(self._step_s / self._token_s)))
+
     def _prefill_chunks(self, chunks: list[tuple[_Row, int]]) -> None:
         """Prefill ``take`` more prompt tokens of each row together; a row whose chunk fails fails alone."""
         echo = chunks[0][0].scores is not None
+        started = time.perf_counter()
         try:
             logits = self.runner.prefill_many(
                 [self._rows.index(r) for r, _ in chunks],
@@ -716,6 +730,8 @@ class LocalEngine:
                     if chunk[0] in self._rows:
                         self._prefill_chunks([chunk])
             return
+        tokens = sum(take for _, take in chunks)
+        self._token_s = _ema(self._token_s, (time.perf_counter() - started) / tokens)
         done = []
         start = 0
         for i, (row, take) in enumerate(chunks):
@@ -887,6 +903,7 @@ class LocalEngine:
         logits = self.runner.decode([r.last for r in rows], [r.position for r in rows], segments)
         self.steps += 1
         self._advance(list(rows), logits)
+        self._step_s = _ema(self._step_s, time.perf_counter() - started)
         if self.observer:
             self.observer.step(len(rows), sum(len(q) for q in self._queues.values()), time.perf_counter() - started)
 
@@ -961,6 +978,13 @@ class LocalEngine:
         if row.generated >= params.max_tokens or row.position >= self.context_length:
             return "length", row.stream.flush()
         return None
+
+
+MIN_CHUNK = 16  # prompt tokens prefilled between two steps at the least (each step feeds one more)
+
+
+def _ema(average: float | None, value: float, weight: float = 0.2) -> float:
+    return value if average is None else (1 - weight) * average + weight * value
 
 
 def _score_prompt(row: _Row, logits: torch.Tensor, start: int) -> None:

@@ -92,6 +92,22 @@ class RateLimiter:
             req.take(1, now)
             self._running[key] = self._running.get(key, 0) + 1
 
+    def refuses(self, key: str) -> LimitExceeded | None:
+        """What ``begin`` would refuse now, without taking anything: a cheap check before a
+        request's body is even read, so that a flood of refused requests costs almost nothing."""
+        lim = self.limits
+        with self._lock:
+            now = self.now()
+            if self._running.get(key, 0) >= lim.max_concurrent:
+                return LimitExceeded(f"too many concurrent requests for this key (limit {lim.max_concurrent})", 1)
+            bucket = self._requests.get(key)
+            wait = bucket.wait_for(1, now) if bucket is not None else 0.0
+            if wait > 0:
+                return LimitExceeded(
+                    f"rate limit of {lim.requests_per_minute} requests per minute reached", math.ceil(wait)
+                )
+        return None
+
     def load_adapter(self, key: str) -> None:
         """Count one adapter load (from disk into memory) for ``key``, or raise ``LimitExceeded``."""
         lim = self.limits

@@ -36,6 +36,11 @@ class Metrics:
             "loraforge_batch_size_per_step", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
         self.loaded_adapters = Gauge("loraforge_loaded_adapters", "Adapters held in memory", registry=r)
+        self.preemptions = Gauge(
+            "loraforge_preemptions",
+            "Rows taken out of the batch (since start) so that a tenant below its fair share got a slot",
+            registry=r,
+        )
         self.prefix_cache_bytes = Gauge(
             "loraforge_prefix_cache_bytes", "Bytes of cached prompt-prefix keys and values", registry=r
         )

@@ -35,6 +35,7 @@ from loraforge.serve.usage import UsageLedger
 from loraforge.train.lora import resolve_precision
 
 T = TypeVar("T")
+SWITCH_INTERVAL_S = 0.0005
 EXIT_ENGINE_DIED = 70  # EX_SOFTWARE: the engine thread stopped on an error
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end|>")
 
@@ -182,6 +183,10 @@ def run_server(config: ServeConfig, home: Path) -> None:
     import uvicorn
 
     configure_logging()
+    # The engine thread gives the GIL up around every tensor operation and must get it back at
+    # once: with the default 5 ms switch interval, a busy event loop (parsing bodies, writing long
+    # logprobs responses) could hold it that long each time and slow every decode step many times over.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     log = logging.getLogger("loraforge.serve")
     stopping: list[Any] = []  # the uvicorn server, once it exists
 

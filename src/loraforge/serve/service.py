@@ -161,6 +161,8 @@ class InferenceService:
     ) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.vocab_size = len(self.tokenizer)
+        self._pieces: dict[int, str] = {}  # at most one entry per token id of the vocabulary
         self.store = store
         self.cache = cache
         self.limiter = limiter
@@ -247,10 +249,14 @@ class InferenceService:
         n: int,
         *,
         echo: bool = False,
+        count: int = 1,
     ) -> tuple[Call, list[list[int]], int]:
         """Admit a request, cheapest checks first: the key's request limits, the model's name,
         then (off the event loop) the prompts' tokens, their size, the key's token budget, and
         last the adapter's load. Returns the call, the prompts' token ids and the resolved max_tokens.
+
+        Args:
+            count: how many prompts ``tokenize`` will give (checked against the batch before it runs).
         """
         try:
             self.limiter.begin(key.id)
@@ -259,6 +265,7 @@ class InferenceService:
         reserved = 0
         try:
             reg = self.registration(key, model)
+            self._check_count(count, n)
             prompts = await asyncio.to_thread(tokenize)
             max_tokens = self._check_size(prompts, max_tokens, n, echo=echo)
             reserved = sum(len(p) for p in prompts) + max_tokens * n * len(prompts)
@@ -282,17 +289,19 @@ class InferenceService:
         )
         return call, prompts, max_tokens
 
-    def _check_size(self, prompts: list[list[int]], max_tokens: int | None, n: int, *, echo: bool) -> int:
-        """Refuse work the server will not take on; returns ``max_tokens`` resolved."""
+    def _check_count(self, count: int, n: int) -> None:
         batch = self.engine.max_batch_size
-        if len(prompts) * n > batch:
+        if count * n > batch:
             raise APIError(
                 400,
-                f"{len(prompts)} prompts × n={n} make {len(prompts) * n} generations; this server runs at most "
+                f"{count} prompts × n={n} make {count * n} generations; this server runs at most "
                 f"{batch} at once (max_batch_size). Send fewer prompts per request",
                 param="prompt",
                 code="too_many_prompts",
             )
+
+    def _check_size(self, prompts: list[list[int]], max_tokens: int | None, n: int, *, echo: bool) -> int:
+        """Refuse work the server will not take on; returns ``max_tokens`` resolved."""
         if min(len(p) for p in prompts) == 0:
             raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         context = self.engine.context_length
@@ -479,7 +488,11 @@ class InferenceService:
         }
 
     def _piece(self, token: int) -> str:
-        return str(self.tokenizer.decode([token]))
+        """One token's text, decoded once per token id (logprobs name thousands of them per response)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = str(self.tokenizer.decode([token]))
+        return piece
 
     def _top(self, top: list[tuple[int, float]] | None) -> list[tuple[str, float]] | None:
         return [(self._piece(t), lp) for t, lp in top] if top is not None else None
@@ -559,14 +572,18 @@ class InferenceService:
             if isinstance(p, str):
                 out.append(list(self.tokenizer(p)["input_ids"]))
             else:
-                if any(t < 0 or t >= len(self.tokenizer) for t in p):
-                    raise APIError(400, f"prompt token ids must lie in 0..{len(self.tokenizer) - 1}", param="prompt")
+                if p and (min(p) < 0 or max(p) >= self.vocab_size):
+                    raise APIError(400, f"prompt token ids must lie in 0..{self.vocab_size - 1}", param="prompt")
                 out.append(list(p))
         return out
 
     async def completion(self, key: KeyRecord, req: CompletionRequest) -> tuple[Call, AsyncIterator[dict[str, Any]]]:
         if req.max_tokens == 0 and req.stream:
             raise APIError(400, "max_tokens 0 (scoring the prompt) cannot be streamed", param="stream")
+        try:
+            count = len(req.prompts())
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from e
         call, prompts, max_tokens = await self._start(
             key,
             req.model,
@@ -574,6 +591,7 @@ class InferenceService:
             req.max_tokens,
             req.n,
             echo=req.echo and req.logprobs is not None,
+            count=count,
         )
         want = req.logprobs
         params = SamplingParams(
