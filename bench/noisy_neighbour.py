@@ -186,15 +186,11 @@ def main() -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=None, help="the server setting (default: its own)")
     args = parser.parse_args()
 
-    import os
-    import subprocess
-    import sys
-
     import httpx
 
     from loraforge.serve.adapters import AdapterStore
     from loraforge.serve.keys import KeyStore
-    from serve_throughput import _cache, _free_port, make_adapters  # beside this script
+    from serve_throughput import launch, make_adapters  # beside this script
 
     print(f"CPU: {cpu_features()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,31 +204,12 @@ def main() -> None:
         victim_key = KeyStore(home).create("quiet")[0]
         noisy_key = KeyStore(home).create("noisy")[0]
         admin_key = KeyStore(home).create("ops", "admin", all_tenants=True)[0]
-        port = _free_port()
         settings = "max_loaded_adapters: 4\n"
         if args.max_prefill_tokens:
             settings += f"max_prefill_tokens: {args.max_prefill_tokens}\n"
-        (home / "serve.yaml").write_text(settings)
         # The server in a process of its own, as in production: the clients' Python does not share its GIL.
-        command = [sys.executable, "-m", "loraforge", "serve", "--home", str(home), "--port", str(port)]
-        server = subprocess.Popen(
-            [*command, "--config", str(home / "serve.yaml")],
-            stdout=subprocess.DEVNULL,
-            stderr=open(home / "server.log", "wb"),  # noqa: SIM115
-            env={**os.environ, "LORAFORGE_MODEL_CACHE": str(_cache())},
-        )
-        url = f"http://127.0.0.1:{port}"
+        server, url = launch(home, settings)
         try:
-            deadline = time.time() + 300
-            while True:
-                try:
-                    if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"the server did not start; see {home / 'server.log'}")
-                time.sleep(0.25)
             model = base.model_id
             figures = run_scenario(
                 url,

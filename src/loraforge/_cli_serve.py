@@ -140,7 +140,12 @@ def adapters_add(
     intent = {"tenant": tenant, "public": public, "directory": str(directory), "override": override_governance}
     with AuditLog(h).action(_actor(), "adapter.add", name, **intent) as act:
         reg = store.add(directory, name, tenant=tenant, replace=replace, governance_override=override_governance)
-        act.outcome.update(sha256=reg.weights_sha256, source=reg.source)
+        act.outcome.update(
+            sha256=reg.weights_sha256,
+            source=reg.source,
+            governance_flags=list(reg.governance_flags),
+            governance_override=reg.governance_override,
+        )
     owner = "public" if reg.public else f"tenant {reg.tenant}"
     console.print(
         f"registered [bold]{name}[/] ({owner}) on {reg.base_model}, weights sha256 {reg.weights_sha256[:12]}…"

@@ -260,6 +260,35 @@ def test_echo_is_scored_in_chunks_beside_running_streams(tiny_model_dir: Path, m
     assert together["tokens"] == alone["tokens"] and len(alone["tokens"]) == max_tokens
 
 
+def test_a_row_preempted_while_its_prompt_is_scored_is_scored_once(tiny_model_dir: Path) -> None:
+    """A's echo request is preempted mid-prompt by B; it resumes and answers its prompt's scores
+    once, equal to those of a run alone, then its tokens."""
+    engine = LocalEngine(
+        _runner(tiny_model_dir, slots=2), tokenizer=_FakeTokenizer(), model_id="tiny", max_prefill_tokens=16
+    )
+    try:
+        long_run = GenerationRequest("a0", [5, 6, 7], _greedy(200), tenant="A")
+        prompt = [100 + (13 * j) % 700 for j in range(300)]
+        echo = GenerationRequest("a1", prompt, _greedy(3, logprobs=1, prompt_logprobs=True), tenant="A")
+        victim = GenerationRequest("b", [30, 31], _greedy(3), tenant="B")
+        alone = _collect(engine, [echo])[0]
+
+        async def when_full() -> None:
+            while engine.stats()["batch_size"] < 2:
+                await asyncio.sleep(0.001)
+
+        results = _collect(engine, [long_run, echo, victim], stagger=0.01, before_last=when_full)
+    finally:
+        engine.close()
+    assert engine.preemptions >= 1 and all(r["error"] is None for r in results)
+    scored = results[1]
+    assert scored["prompt"].tokens == prompt and len(scored["prompt"].logprobs) == len(prompt)
+    assert (
+        max(abs(x - y) for x, y in zip(alone["prompt"].logprobs[1:], scored["prompt"].logprobs[1:], strict=True)) < 1e-4
+    )
+    assert scored["tokens"] == alone["tokens"]
+
+
 def test_a_dead_engine_refuses_work_at_once_and_says_so(tiny_model_dir: Path) -> None:
     died = threading.Event()
     engine = LocalEngine(

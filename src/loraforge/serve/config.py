@@ -46,7 +46,7 @@ class ServeConfig:
     prompts (or a flood of them) slow the running streams by at most about half. With nothing
     decoding, a prompt is prefilled in one piece."""
     max_queued_per_tenant: int | None = None
-    """Requests of one tenant waiting for a batch slot at once; more get 429 (default: 2 × max_batch_size)."""
+    """Requests of one tenant waiting for a batch slot at once; more get 429 (default: 4 × max_batch_size)."""
     max_echo_tokens: int = 1024
     """Longest prompt that a completion with echo and logprobs scores (its logits cost vocab × 4 bytes a token)."""
     max_lora_rank: int = 64

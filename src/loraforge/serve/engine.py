@@ -264,7 +264,7 @@ class LocalEngine:
         stop_tokens: ids that end a generation (end of turn, end of text).
         prefix_cache: keeps prompt prefixes' keys and values for requests of the same scope.
         max_queued_per_tenant: requests of one tenant that may wait for a slot at once; more are
-            refused with ``EngineBusy`` (default: twice the batch size).
+            refused with ``EngineBusy`` (default: four times the batch size).
         max_prefill_tokens: the most prompt tokens prefilled between two decode steps while other
             rows decode; within it, as many as take about one decode step's time (measured). A
             prompt of several choices is prefilled whole (alone if need be).
@@ -313,7 +313,7 @@ class LocalEngine:
         self.runner = built.result()  # the builder's error, if any, is raised here
         self.context_length = self.runner.context_length
         self.max_batch_size = self.runner.max_slots
-        self.max_queued_per_tenant = max_queued_per_tenant or 2 * self.max_batch_size
+        self.max_queued_per_tenant = max_queued_per_tenant or 4 * self.max_batch_size
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -667,6 +667,8 @@ class LocalEngine:
         """Place a row whose prompt will be fed in chunks (its cached prefix, if any, goes in now)."""
         if isinstance(work, _Row):
             row, tokens, scope = work, work.resume_tokens(), None
+            if row.scores is not None:  # echo: scored again from the start, or not at all if answered
+                row.scores = PromptEvent(list(row.gen.request.prompt), [None], [None]) if row.prompt_open else None
         else:
             row, tokens, scope = self._new_row(work, 0), work.request.prompt, work.request.cache_scope
             if _is_echo(work):  # every position's logits are needed: no cached prefix
@@ -912,7 +914,19 @@ class LocalEngine:
 
         An error with one row (its sampling, its text) fails that row's request only.
         """
-        early = [i for i, r in enumerate(rows) if r.generated < r.gen.request.params.min_tokens]
+        failed: list[Generation] = []
+        for i, row in enumerate(rows):  # prompt scores first: the model's own logits, before any mask
+            if row.prompt_open and row.scores is not None:
+                try:
+                    _score_prompt(row, logits[i : i + 1], row.position)
+                except Exception:
+                    log.exception("request %s failed while its prompt was scored", row.gen.request.request_id)
+                    failed.append(row.gen)
+        early = [
+            i
+            for i, r in enumerate(rows)
+            if not (r.prompt_open and r.pending) and r.generated < r.gen.request.params.min_tokens
+        ]
         if early and self.stop_tokens:
             # In place: a step's logits are its own (a prompt's are expanded to its choices: copied).
             logits = logits if logits.is_contiguous() else logits.contiguous()
@@ -922,18 +936,17 @@ class LocalEngine:
         if any(r.gen.request.params.logprobs is not None for r in rows):
             logprobs = torch.log_softmax(logits.float(), dim=-1)
         finished: list[tuple[_Row, str, str]] = []
-        failed: list[Generation] = []
         for i, row in enumerate(rows):
-            if row.prompt_open:  # this step fed a prompt token
-                if row.scores is not None:
-                    _score_prompt(row, logits[i : i + 1], row.position)
-                if row.pending:
-                    row.last = row.feed[row.fed]
-                    row.fed += 1
-                    row.position += 1
-                    continue
-                self._close_prompt(row)  # it fed the last one: these logits pick the first token
+            if row.gen in failed:
+                continue
             try:
+                if row.prompt_open:  # this step fed a prompt token
+                    if row.pending:
+                        row.last = row.feed[row.fed]
+                        row.fed += 1
+                        row.position += 1
+                        continue
+                    self._close_prompt(row)  # it fed the last one: these logits pick the first token
                 outcome = self._next_token(row, tokens[i], logits[i], logprobs[i] if logprobs is not None else None)
             except Exception:
                 log.exception("request %s failed while choosing its next token", row.gen.request.request_id)
