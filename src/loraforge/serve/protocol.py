@@ -136,11 +136,6 @@ class ModelCard(BaseModel):
         return self.model_dump()
 
 
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
 class LoadRequest(_Strict):
     name: str
 
