@@ -85,7 +85,8 @@ def make_adapters(root: Path) -> tuple[list[Path], Any]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from loraforge.models.sources import DEFAULT_BASE_MODEL, load_model, resolve_base_model, sha256_file
+    from loraforge.files import sha256_file
+    from loraforge.models.sources import DEFAULT_BASE_MODEL, load_model, resolve_base_model
 
     base = resolve_base_model(DEFAULT_BASE_MODEL, _cache())
     dirs = []

@@ -18,8 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "src" / "loraforge" / "samples"
 # One dequantized copy of the default model for every test run (and every test home).
 os.environ.setdefault("LORAFORGE_MODEL_CACHE", str(REPO / ".cache" / "models"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from loraforge.runtime import configure_process  # noqa: E402
+
+configure_process(quiet=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -185,6 +185,6 @@ class RichReporter(Reporter):
         self.console.print(f"manifest: {result.output / 'manifest.json'}")
         self.console.print(f"metrics:  {result.output / 'metrics.jsonl'}")
         self.console.print(f"plot:     {result.output / 'loss.png'}")
-        codes = [f["flag"] for f in result.manifest.get("governance_flags", [])]
+        codes = [f["flag"] for f in result.manifest.flags()] if result.manifest else []
         if codes:
             self.console.print(f"[yellow]governance flags[/]: {', '.join(codes)} (details in manifest.json)")

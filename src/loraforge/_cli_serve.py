@@ -45,12 +45,9 @@ def serve(
     home: Home = None,
 ) -> None:
     """Serve the base model and the registered adapters behind an OpenAI-compatible API."""
-    import os
-
     from loraforge.serve.config import load_serve_config
     from loraforge.serve.server import run_server
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_serve_config(config, {"host": host, "port": port})
     run_server(cfg, _home(home))
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,17 +35,6 @@ err_console = Console(stderr=True)
 Home = Annotated[
     Path | None, typer.Option("--home", help="State directory (default: $LORAFORGE_HOME or ~/.loraforge).")
 ]
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _cache(home: Path | None) -> Path:
@@ -114,7 +100,6 @@ def data_check(
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if overlong not in ("truncate", "drop"):
         raise ConfigError(f"--overlong must be truncate or drop, got {overlong!r}")
-    _quiet_libraries()
     tokenizer = _optional_tokenizer(base_model, home, "token lengths not checked")
     report = check_dataset(
         path,
@@ -162,9 +147,9 @@ def data_redact(
     """Replace personal data and secrets with typed placeholders (<EMAIL_1>…), or drop those examples."""
     from rich.table import Table
 
-    from loraforge._atomic import write_text_atomic
     from loraforge.data.formats import load_dataset, parse_columns
     from loraforge.data.scan import example_to_chat, scan_examples
+    from loraforge.files import write_text_atomic
 
     if action not in ("redact", "drop"):
         raise ConfigError(f"--action must be redact or drop, got {action!r}")
@@ -207,7 +192,6 @@ def data_report(
     from loraforge.data.validate import check_dataset
 
     _writable_target(out, "directory")
-    _quiet_libraries()
     tokenizer = _optional_tokenizer(base_model, home, "token statistics left out")
     report = check_dataset(path, tokenizer, format=format, columns=parse_columns(columns))  # type: ignore[arg-type]
     if not report.examples:
@@ -314,7 +298,6 @@ def train(
         cfg.epochs = None
     if epochs is not None:
         cfg.max_steps = None
-    _quiet_libraries()
     run_training(cfg, model_cache=_cache(home), reporter=RichReporter(console))
 
 
@@ -333,7 +316,6 @@ def generate(
 
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
-    _quiet_libraries()
     model = load_chat_model(
         _cache(home), adapter=adapter, base_model=base_model or (None if adapter else DEFAULT_BASE_MODEL)
     )
@@ -378,7 +360,6 @@ def eval_adapter(
         seed=seed,
         threads=threads,
     )
-    _quiet_libraries()
     result = evaluate(
         config, model_cache=_cache(home), progress=lambda msg: err_console.print(f"[dim]{escape(msg)}[/]")
     )
@@ -410,6 +391,9 @@ def audit_verify(home: Home = None) -> None:
 
 def main() -> None:
     """Entry point: run the app; a LoraforgeError becomes one clear line and exit status 1."""
+    from loraforge.runtime import configure_process
+
+    configure_process()
     try:
         app()
     except LoraforgeError as e:

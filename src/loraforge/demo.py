@@ -10,7 +10,6 @@ public function the CLI calls; the equivalent commands are printed as it goes.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -29,7 +28,6 @@ SAMPLES = Path(__file__).parent / "samples"
 def run(console: Console) -> int:
     from loraforge._cli_output import RichReporter, show_data_report, show_governance, show_licensing
     from loraforge._demo_serve import ADAPTER_NAME
-    from loraforge.cli import _quiet_libraries
     from loraforge.data.datasheet import build_datasheet, write_datasheet
     from loraforge.data.formats import load_dataset
     from loraforge.data.fullcheck import governance_checks
@@ -37,10 +35,12 @@ def run(console: Console) -> int:
     from loraforge.data.validate import check_dataset
     from loraforge.home import model_cache_dir, resolve_home
     from loraforge.models.generate import load_chat_model
+    from loraforge.models.manifest import read_manifest
     from loraforge.models.sources import DEFAULT_BASE_MODEL, load_tokenizer, resolve_base_model
+    from loraforge.runtime import configure_process
     from loraforge.train import TrainConfig, train
 
-    _quiet_libraries()
+    configure_process()
     home = resolve_home()
     cache = model_cache_dir()
     out_root = Path(os.environ.get("DEMO_OUT", "runs/demo")).resolve()
@@ -113,9 +113,9 @@ def run(console: Console) -> int:
     )
 
     console.print(Rule("results"))
-    manifest = json.loads((output / "manifest.json").read_text())
+    manifest = read_manifest(output)
     console.print(f"base model:  {base.name} (sha256 {base.sha256[:16]}…, cached in {base.path})")
-    console.print(f"validation loss: {manifest['metrics']['final_val_loss']}")
+    console.print(f"validation loss: {manifest.metrics['final_val_loss']}")
     console.print(f"adapter (PEFT):  {output}")
     console.print(f"manifest:        {output / 'manifest.json'}")
     console.print(f"metrics:         {output / 'metrics.jsonl'}")
@@ -128,11 +128,11 @@ def run(console: Console) -> int:
         f"{len(verdict.inconclusive)} inconclusive)"
     )
     console.print(f"evaluation:      {evaluation.html_path}")
-    lic = manifest["licensing"]
+    lic = manifest.licensing or {}
     decisions = ", ".join(f"{d['source']}: {d['license']} → {d['verdict']}" for d in lic["decisions"])
     console.print(
         f"licences:        {decisions} "
-        f"(policy {lic['policy']['name']}); PII action: {manifest['data_governance']['pii']['action']}"
+        f"(policy {lic['policy']['name']}); PII action: {(manifest.data_governance or {})['pii']['action']}"
     )
     console.print(f"server log:      {server_log}")
     console.print(f"home:            {home} (registered adapters, API key hashes, usage, audit log)")

@@ -22,7 +22,8 @@ def make_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loraforge.models.sources import resolve_base_model, sha256_file
+    from loraforge.files import sha256_file
+    from loraforge.models.sources import resolve_base_model
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from loraforge.models.sources import sha256_file
+from loraforge.files import sha256_file
 from loraforge.serve.adapters import load_lora
 from loraforge.serve.blocks import Blocks
 from loraforge.serve.engine import FinishEvent, GenerationRequest, LocalEngine, SamplingParams, TokenEvent

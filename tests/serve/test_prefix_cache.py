@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraforge.models.sources import sha256_file
+from loraforge.files import sha256_file
 from loraforge.serve.adapters import Registration, load_lora
 from loraforge.serve.engine import GenerationRequest, LocalEngine, SamplingParams
 from loraforge.serve.prefix_cache import PrefixCache

@@ -161,7 +161,7 @@ def test_refuses_bad_data_and_reused_output(
 _KILLER = """
 import os, signal, sys
 import loraforge.train.loop as loop
-from loraforge import _atomic
+from loraforge import files as _atomic
 real_save = loop.save_checkpoint
 def save(output, step, *a, **k):
     if step == int(os.environ["KILL_INSIDE_STEP"]):
@@ -292,8 +292,9 @@ def test_bf16_base_keeps_lora_and_optimizer_in_fp32(
     model_cache: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     from loraforge.models.packed_attention import register_packed_attention
+    from loraforge.models.precision import resolve_precision
     from loraforge.models.sources import load_model, resolve_base_model
-    from loraforge.train.lora import add_lora, resolve_precision
+    from loraforge.train.lora import add_lora
 
     model = load_model(
         resolve_base_model(str(tiny_model_dir), model_cache),
@@ -308,7 +309,8 @@ def test_bf16_base_keeps_lora_and_optimizer_in_fp32(
     assert frozen == {torch.bfloat16} and trainable == {torch.float32}
     cfg = _config(tmp_path, write_jsonl(_records()), tiny_model_dir, max_steps=2, precision="bf16", grad_accum=2)
     result = train(cfg, model_cache=model_cache)
-    assert result.manifest["precision"] == {"base": "bfloat16", "adapter": "float32", "optimizer": "float32"}
+    assert result.manifest is not None
+    assert result.manifest.precision == {"base": "bfloat16", "adapter": "float32", "optimizer": "float32"}
     saved = load_file(str(result.output / "adapter_model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.float32}
     # two micro-batches per step: twice the tokens of a grad_accum=1 step
@@ -317,7 +319,7 @@ def test_bf16_base_keeps_lora_and_optimizer_in_fp32(
 
 
 def test_auto_precision_is_fp32_without_fast_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    from loraforge.train import lora
+    from loraforge.models import precision as lora
 
     monkeypatch.setattr(lora, "fast_bf16_available", lambda device: False)
     assert lora.resolve_precision("auto", torch.device("cpu")) == torch.float32
@@ -369,7 +371,9 @@ def test_secrets_are_not_trained_on_under_pii_report_unless_allowed(
         allow_secrets=allow_secrets,
         validation_split=0.25,
     )
-    manifest = train(cfg, model_cache=model_cache).manifest
+    typed = train(cfg, model_cache=model_cache).manifest
+    assert typed is not None
+    manifest = typed.to_json()
     assert len(packed) == 16
     text = "\n".join(packed)
     assert text.count("maria@example.com") == 4  # pii: report keeps personal data either way

@@ -16,12 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loraforge._atomic import write_text_atomic
 from loraforge.data.dedup import find_duplicates
 from loraforge.data.formats import Example
 from loraforge.data.licensing import LicenseReport
 from loraforge.data.scan import ScanReport
 from loraforge.data.validate import DataReport
+from loraforge.files import write_text_atomic
+from loraforge.reportfilters import pretty
 
 TODO = "for the owner to fill"
 # A few very frequent function words per language: enough to tell the language of a support message.
@@ -175,32 +176,11 @@ def _histogram_png(histogram: list[list[int]] | list[tuple[int, int, int]]) -> s
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _pretty(value: Any) -> str:
-    """A value as a person reads it: ``key: value`` lines, comma-separated lists, compact JSON inside."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        if not value:
-            return "none"
-        return "\n".join(f"{k}: {v if isinstance(v, str | int | float) else _compact(v)}" for k, v in value.items())
-    if isinstance(value, list) and all(isinstance(x, str | int | float) for x in value):
-        return ", ".join(map(str, value)) if value else "none"
-    if isinstance(value, list) and all(isinstance(x, dict) for x in value):
-        return "\n".join(", ".join(f"{k}: {v}" for k, v in x.items()) for x in value) or "none"
-    return _compact(value)
-
-
-def _compact(value: Any) -> str:
-    if isinstance(value, dict) and not value:
-        return "none"
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
-
-
 def render_html(sheet: dict[str, Any]) -> str:
     from jinja2 import Environment
 
     env = Environment(autoescape=True)
-    env.filters["pretty"] = _pretty
+    env.filters["pretty"] = pretty
     comp = sheet["sections"]["composition"]
     hist = comp["length_histogram"]["value"]
     todo = sum(1 for sec in sheet["sections"].values() for f in sec.values() if f["source"] == TODO)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loraforge._atomic import write_bytes_atomic, write_text_atomic
+from loraforge.files import write_bytes_atomic, write_text_atomic
 
 ASSETS = Path(__file__).parent / "assets"
 DATA_ASSETS = Path(__file__).parents[1] / "data" / "assets"
@@ -66,12 +66,12 @@ def deltas_png(report: dict[str, Any]) -> bytes:
 def render_html(report: dict[str, Any], plot: bytes | None) -> str:
     from jinja2 import Environment
 
-    from loraforge.data.datasheet import _pretty
+    from loraforge.reportfilters import pretty
 
     env = Environment(autoescape=True)
     # every answer of a probe is in eval.json; the page shows samples, not all of them
     measured = lambda d: {k: v for k, v in d.items() if k != "answers"}  # noqa: E731
-    env.filters.update(num=_num, signed=_signed, tone=_tone, pretty=_pretty, measured=measured)
+    env.filters.update(num=_num, signed=_signed, tone=_tone, pretty=pretty, measured=measured)
     template = env.from_string((ASSETS / "eval.html.j2").read_text(encoding="utf-8"))
     return template.render(
         r=report,

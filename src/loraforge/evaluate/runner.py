@@ -6,7 +6,6 @@ gate → report → manifest. Each suite runs both sides on the same items befor
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -17,14 +16,13 @@ from typing import Any
 
 import torch
 
-from loraforge._atomic import write_text_atomic
-from loraforge.data.governance import governance_flags
 from loraforge.evaluate.benchmarks import SOURCES, subset
 from loraforge.evaluate.config import EvalConfig
 from loraforge.evaluate.gate import Policy, Verdict, judge, load_policy
 from loraforge.evaluate.harness import ModelPair, SuiteResult, timed
 from loraforge.evaluate.suites import bias, memorization, regression, safety, task, truthfulness
-from loraforge.models.generate import load_chat_model, read_adapter_manifest
+from loraforge.models.generate import load_chat_model
+from loraforge.models.manifest import read_manifest
 from loraforge.models.sources import load_model
 
 # which sources each suite reads, for the report's licence table
@@ -66,7 +64,7 @@ def evaluate(config: EvalConfig, *, model_cache: Path, progress: Progress | None
     """
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
-    manifest = read_adapter_manifest(config.adapter)
+    manifest = read_manifest(config.adapter)
     policy: Policy = load_policy(config.policy)
     _check_data(config)
     task_data = (
@@ -74,12 +72,12 @@ def evaluate(config: EvalConfig, *, model_cache: Path, progress: Progress | None
     )
     if config.threads:
         torch.set_num_threads(config.threads)
-    say(f"loading {manifest['base_model']['name']} with the adapter {config.adapter}")
+    say(f"loading {manifest.base_model.name} with the adapter {config.adapter}")
     chat = load_chat_model(model_cache, adapter=config.adapter)
     base_model: Any = load_model(chat.base)
     base_model.eval()
     pair = ModelPair(base_model, chat.model.merge_and_unload().eval(), chat.tokenizer)
-    context = int(manifest.get("config", {}).get("context_length") or 2048)
+    context = manifest.context_length()
     sizes, seed = config.sizes, config.seed
     suites: list[SuiteResult] = []
     for name in config.suites:
@@ -133,9 +131,9 @@ def evaluate(config: EvalConfig, *, model_cache: Path, progress: Progress | None
         "format_version": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "adapter": {"name": config.adapter.resolve().name, "path": str(config.adapter.resolve())},
-        "base_model": manifest["base_model"],
+        "base_model": manifest.base_model.model_dump(mode="json", exclude_unset=True),
         # governance exceptions of the training run (unlicensed data, kept secrets…), shown at the top
-        "governance_flags": governance_flags(manifest),
+        "governance_flags": manifest.flags(),
         "gate": verdict.to_json(),
         "policy": {"name": policy.name, "path": policy.path},
         "suites": [s.to_json() for s in suites],
@@ -155,9 +153,8 @@ def evaluate(config: EvalConfig, *, model_cache: Path, progress: Progress | None
 
 def record_in_manifest(adapter: Path, report: dict[str, Any], json_path: Path, html_path: Path) -> None:
     """Add the verdict and links to the report to ``manifest.json`` (re-read, then replaced atomically)."""
-    path = adapter / "manifest.json"
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    manifest["evaluation"] = {
+    manifest = read_manifest(adapter)
+    manifest.evaluation = {
         "created": report["created"],
         "verdict": report["gate"]["verdict"],
         "passed": report["gate"]["passed"],
@@ -172,4 +169,4 @@ def record_in_manifest(adapter: Path, report: dict[str, Any], json_path: Path, h
         },
         "report": {"json": str(json_path.resolve()), "html": str(html_path.resolve())},
     }
-    write_text_atomic(path, json.dumps(manifest, indent=2))
+    manifest.write(adapter)

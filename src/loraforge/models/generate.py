@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 
 from loraforge.data.templates import render
 from loraforge.errors import ModelError
+from loraforge.models.manifest import read_manifest
 from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
 
 
@@ -37,25 +37,6 @@ class ChatModel:
         return str(self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
 
 
-def read_adapter_manifest(adapter: Path) -> dict[str, Any]:
-    """The ``manifest.json`` of an adapter directory, checked for the PEFT files beside it."""
-    if not adapter.is_dir():
-        raise ModelError(f"adapter directory {adapter} does not exist")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (adapter / name).is_file():
-            raise ModelError(f"{adapter} is not a complete adapter: {name} is missing")
-    path = adapter / "manifest.json"
-    if not path.is_file():
-        raise ModelError(f"{adapter} has no manifest.json; was it written by `loraforge train`?")
-    try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except ValueError as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(manifest.get("base_model"), dict) or "name" not in manifest["base_model"]:
-        raise ModelError(f"{path} does not name its base model; pass --base-model")
-    return manifest
-
-
 def load_chat_model(
     model_cache: Path, *, adapter: str | Path | None = None, base_model: str | None = None
 ) -> ChatModel:
@@ -64,14 +45,14 @@ def load_chat_model(
     Raises:
         ModelError: missing files, or an adapter trained on other base weights than these.
     """
-    manifest = read_adapter_manifest(Path(adapter)) if adapter else None
-    name = base_model or (manifest["base_model"]["name"] if manifest else None)
+    manifest = read_manifest(Path(adapter)) if adapter else None
+    name = base_model or (manifest.base_model.name if manifest else None)
     if name is None:
         raise ModelError("give --adapter DIR or --base-model NAME_OR_DIR")
     base = resolve_base_model(name, model_cache)
-    if manifest and manifest["base_model"]["sha256"] != base.sha256:
+    if manifest and manifest.base_model.sha256 != base.sha256:
         raise ModelError(
-            f"adapter {adapter} was trained on {name} with sha256 {manifest['base_model']['sha256'][:12]}…, "
+            f"adapter {adapter} was trained on {name} with sha256 {manifest.base_model.sha256[:12]}…, "
             f"but the installed weights hash to {base.sha256[:12]}…; install the original base model"
         )
     tokenizer = load_tokenizer(base)

@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraforge._atomic import (
+from loraforge.errors import ModelError
+from loraforge.files import (
     atomic_directory,
     open_private,
     private_directory,
     remove_stale_temporaries,
+    sha256_file,
     write_text_atomic,
 )
-from loraforge.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -84,14 +85,6 @@ class BaseModel:
 
     def to_json(self) -> dict[str, str]:
         return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "source": self.source}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_base_model(name_or_dir: str, cache_dir: Path) -> BaseModel:
@@ -263,7 +256,6 @@ def load_model(model: BaseModel, dtype: torch.dtype | None = None, **kwargs: Any
     import torch
     from transformers import AutoModelForCausalLM
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         m = AutoModelForCausalLM.from_pretrained(
             str(model.path),

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from loraforge._atomic import atomic_directory, write_bytes_atomic, write_text_atomic
-from loraforge.data.governance import governance_flags
 from loraforge.errors import ConfigError, ModelError
-from loraforge.models.generate import read_adapter_manifest
+from loraforge.files import atomic_directory, write_bytes_atomic, write_text_atomic
+from loraforge.models.manifest import AdapterManifest, read_manifest
 from loraforge.models.sources import DEFAULT_BASE_MODEL, PACKAGED_MODELS
 from loraforge.serve.runner import GROUP_OF, GROUPS, LoraGroup, LoraLayers
 
@@ -67,7 +66,7 @@ class Registration:
         return self.tenant is None or self.tenant == tenant
 
 
-def publication_problems(manifest: dict[str, Any]) -> list[str]:
+def publication_problems(manifest: AdapterManifest) -> list[str]:
     """Why an adapter's data-governance record does not allow publishing it to every tenant.
 
     It passes when the licence check of its training data passed, personal data found in it was
@@ -75,12 +74,12 @@ def publication_problems(manifest: dict[str, Any]) -> list[str]:
     (``governance_flags``: unlicensed data allowed, secrets kept, a non-default policy, …).
     """
     problems = []
-    licensing = manifest.get("licensing")
+    licensing = manifest.licensing
     if not isinstance(licensing, dict):
         problems.append("its manifest has no licence record (it was not trained by `loraforge train`)")
     elif licensing.get("ok") is not True:
         problems.append("the licence check of its training data did not pass (trained with --allow-unlicensed)")
-    pii = (manifest.get("data_governance") or {}).get("pii")
+    pii = (manifest.data_governance or {}).get("pii")
     if not isinstance(pii, dict):
         problems.append("its manifest has no personal-data record")
     elif pii.get("action") not in ("redact", "drop") and pii.get("examples_with_pii"):
@@ -88,7 +87,7 @@ def publication_problems(manifest: dict[str, Any]) -> list[str]:
             f"{pii.get('examples_with_pii')} training examples with personal data were trained on as they were "
             "(--pii report); retrain with --pii redact or --pii drop"
         )
-    for flag in governance_flags(manifest):
+    for flag in manifest.flags():
         if flag["flag"] != "allow_unlicensed" or (isinstance(licensing, dict) and licensing.get("ok") is True):
             problems.append(f"governance exception {flag['flag']}: {flag['detail']}")
     return problems
@@ -245,20 +244,16 @@ class AdapterStore:
             for item in (CONFIG, WEIGHTS, "manifest.json")
             if os.path.lexists(source / item)
         }
-        read_adapter_manifest(source)  # says which file is missing, or what the manifest lacks
-        try:
-            manifest = json.loads(files["manifest.json"])
-        except ValueError as e:
-            raise ModelError(f"{source / 'manifest.json'}: not valid JSON ({e})") from e
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("base_model"), dict):
-            raise ModelError(f"{source / 'manifest.json'} does not name its base model")
-        base_name = str(manifest["base_model"].get("name", ""))
+        read_manifest(source)  # says which file is missing, or what the manifest lacks
+        # the bytes read above are the ones registered, so they are the ones checked
+        manifest = AdapterManifest.parse(files["manifest.json"], source / "manifest.json")
+        base_name = manifest.base_model.name
         reserved = self.reserved_names | {base_name, Path(base_name).name, Path(base_name).stem}
         if name in reserved:
             raise ConfigError(f"{name!r} is the name of a base model; clients would reach the base model. Pick another")
         for pickled in sorted(source.glob("*.bin")) + sorted(source.glob("*.pt")) + sorted(source.glob("*.pkl")):
             raise ModelError(f"{pickled} is a pickle file; loraforge only loads safetensors. Remove it and retry")
-        checksums = manifest.get("checksums") or {}
+        checksums = manifest.checksums
         digests = {item: hashlib.sha256(files[item]).hexdigest() for item in (CONFIG, WEIGHTS)}
         for item, digest in digests.items():
             expected = checksums.get(item)
@@ -295,12 +290,12 @@ class AdapterStore:
             name=name,
             tenant=tenant,
             base_model=base_name,
-            base_sha256=str(manifest["base_model"].get("sha256", "")),
+            base_sha256=manifest.base_model.sha256,
             weights_sha256=digests[WEIGHTS],
             added_at=time.time(),
             source=str(source.resolve()),
             config_sha256=digests[CONFIG],
-            governance_flags=tuple(f["flag"] for f in governance_flags(manifest)),
+            governance_flags=tuple(f["flag"] for f in manifest.flags()),
             governance_override=governance_override.strip() if governance_override else None,
         )
         self.root.mkdir(parents=True, exist_ok=True)

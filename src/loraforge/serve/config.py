@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraforge._config import read_config_file
+from loraforge.configfile import read_config_file
 from loraforge.errors import ConfigError
+from loraforge.models.precision import PRECISIONS
 from loraforge.models.sources import DEFAULT_BASE_MODEL
 from loraforge.serve.runner import LORA_KERNELS, WEIGHT_FORMATS
-from loraforge.train.config import PRECISIONS
 
 
 @dataclass

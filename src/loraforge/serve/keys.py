@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loraforge._atomic import open_private, private_directory, write_text_atomic
 from loraforge.errors import ConfigError
+from loraforge.files import open_private, private_directory, write_text_atomic
 from loraforge.serve.adapters import valid_name
 
 ROLES = ("user", "admin")

@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 import torch
 from fastapi import FastAPI
 
-from loraforge._atomic import private_directory
 from loraforge.errors import ConfigError
+from loraforge.files import private_directory
 from loraforge.govern.audit import AuditLog
 from loraforge.home import model_cache_dir
+from loraforge.models.precision import resolve_precision
 from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
 from loraforge.serve.adapters import AdapterCache, AdapterStore
 from loraforge.serve.app import create_app
@@ -32,7 +33,6 @@ from loraforge.serve.prefix_cache import PrefixCache
 from loraforge.serve.runner import LlamaRunner
 from loraforge.serve.service import InferenceService
 from loraforge.serve.usage import UsageLedger
-from loraforge.train.lora import resolve_precision
 
 T = TypeVar("T")
 SWITCH_INTERVAL_S = 0.0005
@@ -181,6 +181,10 @@ def _in_passing_thread(fn: Callable[[], T]) -> T:
 def run_server(config: ServeConfig, home: Path) -> None:
     """Serve until interrupted."""
     import uvicorn
+
+    from loraforge.runtime import configure_process
+
+    configure_process()
 
     configure_logging()
     # The engine thread gives the GIL up around every tensor operation and must get it back at

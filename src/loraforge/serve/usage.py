@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from loraforge._atomic import open_private, private_directory
+from loraforge.files import open_private, private_directory
 
 
 class UsageLedger:

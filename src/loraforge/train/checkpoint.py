@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraforge._atomic import atomic_directory, remove_stale_temporaries
 from loraforge.errors import CheckpointError
+from loraforge.files import atomic_directory, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from peft import PeftModel

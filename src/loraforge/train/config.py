@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraforge._config import read_config_file
+from loraforge.configfile import read_config_file
 from loraforge.data.formats import FORMATS
 from loraforge.errors import ConfigError
+from loraforge.models.precision import PRECISIONS
 from loraforge.models.sources import DEFAULT_BASE_MODEL
 
-PRECISIONS = ("auto", "bf16", "fp32")
 OVERLONG = ("truncate", "drop")
 
 

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from loraforge import __version__
-from loraforge._atomic import write_text_atomic
 from loraforge.data.formats import Format, parse_columns
 from loraforge.data.governance import flags_from_evidence, prepare_training_examples
 from loraforge.data.licensing import LicenseError, check_licensing, manifest_path_for
@@ -31,12 +30,22 @@ from loraforge.data.pii import PiiAction
 from loraforge.data.templates import Overlong, TokenizedExample, tokenize_all
 from loraforge.data.validate import DataReport, check_dataset, suggest_epochs
 from loraforge.errors import CheckpointError, ConfigError, DataError
+from loraforge.files import sha256_file, write_text_atomic
+from loraforge.models.manifest import (
+    FORMAT_VERSION,
+    KIND,
+    PEFT_FILES,
+    AdapterManifest,
+    BaseModelRecord,
+    GovernanceFlag,
+)
 from loraforge.models.packed_attention import register_packed_attention
-from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model, sha256_file
+from loraforge.models.precision import resolve_precision
+from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
 from loraforge.train.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from loraforge.train.config import TrainConfig
 from loraforge.train.estimate import Figures, linear_params, peak_rss_bytes, step_flops, time_probe
-from loraforge.train.lora import LabelOnlyLM, add_lora, resolve_precision
+from loraforge.train.lora import LabelOnlyLM, add_lora
 from loraforge.train.plots import plot_loss_curve
 
 # Fields that do not change what is trained, so a checkpoint stays valid when they differ.
@@ -67,7 +76,7 @@ class Reporter:
 @dataclass
 class TrainResult:
     output: Path
-    manifest: dict[str, Any]
+    manifest: AdapterManifest | None  # None on processes other than the main one
     final_loss: float
     val_loss: float | None
     figures: Figures
@@ -473,67 +482,63 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     )
     final_loss: float = next(r["loss"] for r in reversed(records) if r["kind"] == "train")
     val_loss: float | None = next((r["val_loss"] for r in reversed(records) if r["kind"] == "eval"), None)
-    manifest: dict[str, Any] = {}
+    manifest: AdapterManifest | None = None
     if accelerator.is_main_process:
         save_adapter(peft_model, output)
         plot_loss_curve(records, output / "loss.png", f"{base.name} + LoRA r={config.lora_r}")
-        manifest = {
-            "kind": "loraforge.adapter",
-            "format_version": 1,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "base_model": base.to_json(),
-            "datasets": [
+        manifest = AdapterManifest(
+            kind=KIND,
+            format_version=FORMAT_VERSION,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            base_model=BaseModelRecord(**base.to_json()),
+            datasets=[
                 {**d, **r.summary()} if r else d for d, r in zip(datasets, [train_report, val_report], strict=False)
             ],
-            "split": {
+            split={
                 "train_examples": len(train_examples),
                 "validation_examples": len(val_examples),
                 "validation": "file"
                 if config.validation
                 else f"held out {config.validation_split:.0%} (seed {config.seed})",
             },
-            "licensing": licensing,
-            "data_governance": governance,
-            # every governance exception taken, shown wherever the adapter is (report, registry, API)
-            "governance_flags": governance_flags,
-            "config": config.to_dict(),
-            "precision": {
+            licensing=licensing,
+            data_governance=governance,
+            governance_flags=[GovernanceFlag(**f) for f in governance_flags],
+            config=config.to_dict(),
+            precision={
                 "base": str(dtype).removeprefix("torch."),
                 "adapter": "float32",
                 "optimizer": "float32",
             },
-            "metrics": {
+            metrics={
                 "final_train_loss": final_loss,
                 "final_val_loss": val_loss,
                 "steps": total_steps,
                 "epochs": round(total_steps / steps_per_epoch, 3),
             },
-            "estimate": estimate.to_json(),
-            "actual": actual.to_json(),
-            "timings": {
+            estimate=estimate.to_json(),
+            actual=actual.to_json(),
+            timings={
                 "wall_seconds": round(time.time() - started, 2),
                 "train_seconds": round(train_seconds, 2),
             },
-            "cost": {"amount": round(actual.cost, 6), "price_per_hour": config.price_per_hour},
-            "libraries": _library_versions(),
-            "machine": {
+            cost={"amount": round(actual.cost, 6), "price_per_hour": config.price_per_hour},
+            libraries=_library_versions(),
+            machine={
                 "platform": platform.platform(),
                 "cpus": os.cpu_count(),
                 "threads": torch.get_num_threads(),
             },
-            "warnings": warnings,
-            "files": {
-                "adapter": ["adapter_config.json", "adapter_model.safetensors"],
+            warnings=warnings,
+            files={
+                "adapter": list(PEFT_FILES),
                 "metrics": "metrics.jsonl",
                 "loss_curve": "loss.png",
             },
-            # Verified by `loraforge adapters add` and by the server before it loads the weights.
-            "checksums": {
-                name: sha256_file(output / name) for name in ("adapter_config.json", "adapter_model.safetensors")
-            },
-            "fingerprint": fingerprint,
-        }
-        write_text_atomic(output / "manifest.json", json.dumps(manifest, indent=2))
+            checksums={name: sha256_file(output / name) for name in PEFT_FILES},
+            fingerprint=fingerprint,
+        )
+        manifest.write(output)
     result = TrainResult(output, manifest, final_loss, val_loss, actual, warnings)
     reporter.finish(result)
     return result

@@ -1,4 +1,4 @@
-"""LoRA over PEFT, the precision policy, and the label-only loss.
+"""LoRA over PEFT and the label-only loss.
 
 A LoRA layer computes ``x ↦ W0·x + (α/r)·B·A·x`` (``α/√r`` with rsLoRA), with ``W0`` frozen and
 only ``A`` (r × in) and ``B`` (out × r) trained. Where the hardware has fast bf16 the frozen base
@@ -20,27 +20,6 @@ from loraforge.models.packed_attention import ATTENTION_NAME, segments_from_posi
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
-
-
-def fast_bf16_available(device: torch.device) -> bool:
-    """True where bf16 matmuls are faster than fp32: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        cpu = torch.cpu
-        amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-        avx512_bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return bool(amx or avx512_bf16)
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype the frozen base is stored in: ``auto`` picks bf16 only where it is fast."""
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if fast_bf16_available(device) else torch.float32
 
 
 def add_lora(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loraforge._atomic import write_bytes_atomic
+from loraforge.files import write_bytes_atomic
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> Path:

@@ -22,7 +22,6 @@ import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -34,6 +33,7 @@ from loraforge.evaluate.benchmarks import subset
 from loraforge.evaluate.harness import SIDES, ModelPair, SuiteResult, compare
 from loraforge.evaluate.metrics import answer_tokens, rouge_l_tokens
 from loraforge.evaluate.scoring import Tree
+from loraforge.models.manifest import AdapterManifest
 
 CANARY_BITS = 20.0
 _ALPHABET = string.ascii_uppercase + string.digits
@@ -70,9 +70,9 @@ def exposure(secret_logprob: float, candidate_logprobs: np.ndarray) -> Exposure:
     return Exposure(rank, rank_bits, fitted)
 
 
-def training_examples(manifest: dict[str, Any]) -> list[Example]:
-    config = manifest.get("config", {})
-    train = next((d for d in manifest.get("datasets", []) if d.get("role") == "train"), None)
+def training_examples(manifest: AdapterManifest) -> list[Example]:
+    config = manifest.config
+    train = manifest.dataset("train")
     if train is None:
         raise EvalError("the adapter manifest names no training data; the memorization suite needs it")
     path = Path(train["path"])
@@ -98,7 +98,7 @@ def _last_answer_span(labels: list[int]) -> tuple[int, int] | None:
 
 def run(
     pair: ModelPair,
-    manifest: dict[str, Any],
+    manifest: AdapterManifest,
     *,
     heldout_prompts: list[list[int]],
     answer_tokens_max: int,
@@ -112,7 +112,7 @@ def run(
     result = SuiteResult("memorization")
     tok = pair.tokenizer
     # --- canaries ----------------------------------------------------------------------------
-    canaries = manifest.get("data_governance", {}).get("canaries", [])
+    canaries = (manifest.data_governance or {}).get("canaries", [])
     if canaries:
         chat = pair.encode(render(tok, [{"role": "user", "content": CANARY_USER}], generation_prompt=True))
         trees = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -25,6 +24,7 @@ from loraforge.evaluate.config import TaskChecks
 from loraforge.evaluate.harness import SIDES, ModelPair, SuiteResult, compare
 from loraforge.evaluate.metrics import exact_match, is_valid_json, matches_regex, rouge_l, token_f1
 from loraforge.evaluate.scoring import Tree
+from loraforge.models.manifest import AdapterManifest
 
 
 @dataclass
@@ -33,7 +33,7 @@ class TaskData:
     source: str  # where they came from, in words
 
 
-def validation_examples(manifest: dict[str, Any], data: Path | None) -> TaskData:
+def validation_examples(manifest: AdapterManifest, data: Path | None) -> TaskData:
     """The held-out examples of an adapter: ``data``, else the manifest's validation file, else its held-out split.
 
     A held-out split is rebuilt as training made it: the same shuffle of the training file with the
@@ -42,14 +42,14 @@ def validation_examples(manifest: dict[str, Any], data: Path | None) -> TaskData
     Raises:
         EvalError: no file can be found or read, or it has no usable example.
     """
-    config = manifest.get("config", {})
+    config = manifest.config
     fmt, columns = config.get("format", "auto"), config.get("columns")
     from loraforge.data.formats import parse_columns
 
     cols = parse_columns(columns)
     if data is not None:
         return TaskData(_load(data, "auto", {}), f"{data} (--data)")
-    datasets = {d.get("role"): d for d in manifest.get("datasets", [])}
+    datasets = {d.get("role"): d for d in manifest.datasets}
     if "validation" in datasets:
         path = Path(datasets["validation"]["path"])
         return TaskData(_load(path, fmt, cols), f"{path} (validation file named in the manifest)")

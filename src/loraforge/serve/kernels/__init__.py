@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +48,6 @@ def load_kernels() -> Any | None:
         try:
             from torch.utils.cpp_extension import load
 
-            _put_ninja_on_path()
             text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)  # a new build when any changes
             digest = hashlib.sha256(text + repr((FLAGS, torch.__version__)).encode()).hexdigest()
             module = load(
@@ -68,17 +65,6 @@ def load_kernels() -> Any | None:
             module = None
     _LOADED["native"] = module
     return module
-
-
-def _put_ninja_on_path() -> None:
-    """PyTorch runs ``ninja`` from PATH: the one of the ``ninja`` package when none is there."""
-    if shutil.which("ninja") is not None:
-        return
-    try:
-        import ninja  # type: ignore[import-untyped]
-    except ImportError:
-        return
-    os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
 
 
 def _lora_agrees(module: Any) -> bool:

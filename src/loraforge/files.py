@@ -9,6 +9,7 @@ company data; a file another local user should read is shared on purpose, with `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -144,3 +145,12 @@ def remove_stale_temporaries(directory: str | Path, name: str = "") -> None:
     if directory.is_dir():
         for child in directory.glob(f".tmp-{name}*"):
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
