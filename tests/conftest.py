@@ -97,3 +97,6 @@ def chat(user: str, assistant: str, system: str | None = None) -> dict[str, obje
         {"role": "assistant", "content": assistant},
     ]
     return {"messages": messages}
+
+
+from tests.postgres import fresh_postgres_url, postgres_server  # noqa: E402, F401  (fixtures)

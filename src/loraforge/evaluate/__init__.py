@@ -6,7 +6,7 @@ Public entry points: :func:`evaluate` with an :class:`EvalConfig`; the CLI's ``l
 
 from loraforge.evaluate.config import DEFAULT_SIZES, SUITES, EvalConfig, TaskChecks, parse_suites
 from loraforge.evaluate.gate import GATE_FAILED_EXIT, GATE_INCONCLUSIVE_EXIT
-from loraforge.evaluate.runner import EvalResult, evaluate
+from loraforge.evaluate.pipeline import EvalResult, evaluate
 
 __all__ = [
     "DEFAULT_SIZES",

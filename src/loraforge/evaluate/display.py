@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from loraforge.evaluate.runner import EvalResult
+from loraforge.evaluate.pipeline import EvalResult
 
 _COLOUR = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}
 _GATE_CELL = {"PASS": "[green]pass[/]", "FAIL": "[red]FAIL[/]", "INCONCLUSIVE": "[yellow]inconclusive[/]"}

@@ -52,7 +52,6 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,174 +59,28 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import AuditError
+from loraforge.govern.audit_chain import canonical, complete_end, lines_backwards, seal
+from loraforge.govern.audit_key import (
+    KEY_ENV,
+    default_key_file,
+    fsync_directory,
+    key_id,
+    load_or_create_key,
+    make_private_dirs,
+    read_key,
+    replace_file_durably,
+    write_new_file,
+)
 
 GENESIS = "0" * 64
 HEAD_NAME = "audit.head"
-KEY_ENV = "LORAFORGE_AUDIT_KEY_FILE"
-MIN_KEY_BYTES = 32
 # records a writer appends when it finds the log and its head disagree: evidence, reported by verify
 ANOMALIES = ("audit.truncated", "audit.head_missing", "audit.head_mismatch")
-_BLOCK = 8192
-
-
-def default_key_file() -> Path:
-    """``$LORAFORGE_AUDIT_KEY_FILE``, else ``$XDG_CONFIG_HOME/loraforge/audit.key`` (default ``~/.config``)."""
-    env = os.environ.get(KEY_ENV)
-    if env:
-        return Path(env).expanduser()
-    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config).expanduser() / "loraforge" / "audit.key"
 
 
 def head_path(log: Path) -> Path:
     """``HOME/audit.head`` for ``HOME/audit.jsonl``."""
     return log.with_name(HEAD_NAME)
-
-
-def key_id(key: bytes) -> str:
-    """A public fingerprint of a key (16 hex digits), stored in each record to name the key it needs."""
-    return hashlib.sha256(b"loraforge-audit-key-id\0" + key).hexdigest()[:16]
-
-
-def read_key(path: Path) -> bytes | None:
-    """The key in ``path``, or None when the file does not exist.
-
-    Raises:
-        AuditError: the file is accessible to other users, or holds fewer than 32 bytes.
-    """
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    if st.st_mode & 0o007:
-        raise AuditError(
-            f"audit key {path} is accessible to other users (mode {oct(st.st_mode & 0o777)}); run `chmod 600 {path}`"
-        )
-    key = path.read_bytes().strip()
-    if len(key) < MIN_KEY_BYTES:
-        raise AuditError(
-            f"audit key {path} holds {len(key)} bytes, fewer than {MIN_KEY_BYTES}; "
-            f"remove it to have a new one made, or write one with `openssl rand -hex 32 > {path}`"
-        )
-    return key
-
-
-def _make_dirs(path: Path) -> None:
-    """Create ``path`` and its missing parents with mode 0700 (existing directories are left as they are)."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(d, 0o700)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (mode 0600 from the start) holding ``data``; FileExistsError if it exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically with ``data`` (a 0600 temporary file beside it, then a rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        _write_new_file(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def load_or_create_key(path: Path) -> bytes:
-    """The key in ``path``, made (32 random bytes as hex, mode 0600, directories 0700) if absent.
-
-    Two processes creating it at once agree: the file appears complete or not at all (a hard link of
-    a finished temporary file), and the loser reads the winner's key.
-    """
-    key = read_key(path)
-    if key is not None:
-        return key
-    try:
-        _make_dirs(path.parent)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        _write_new_file(tmp, secrets.token_hex(32).encode() + b"\n")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        raise AuditError(
-            f"cannot create the audit key {path}: {e}; set {KEY_ENV} to a file (mode 600) this user can write"
-        ) from e
-    key = read_key(path)
-    assert key is not None
-    return key
-
-
-def _canonical(entry: dict[str, Any]) -> dict[str, Any]:
-    """``entry`` as it reads back from JSON, so the hash written is the hash verification recomputes."""
-    out: dict[str, Any] = json.loads(json.dumps(entry, default=str))
-    return out
-
-
-def _seal(entry: dict[str, Any], key: bytes | None) -> str:
-    """HMAC-SHA256 of the sorted JSON of ``entry`` (plain sha256 without a key: the unkeyed format)."""
-    body = json.dumps(entry, sort_keys=True).encode()
-    return hmac.new(key, body, hashlib.sha256).hexdigest() if key is not None else hashlib.sha256(body).hexdigest()
-
-
-def _lines_backwards(fd: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """Complete lines of ``fd`` before offset ``end`` (just after a newline), last first, as (start, line).
-
-    Reads 8 KiB blocks backwards from ``end`` only as far as the lines consumed reach.
-    """
-    pos, buf = end, b""  # buf holds bytes [pos, end)
-    while end > 0:
-        cut = buf.rfind(b"\n", 0, len(buf) - 1)
-        if cut >= 0 or pos == 0:
-            start = pos + cut + 1
-            yield start, buf[cut + 1 : -1]
-            buf, end = buf[: cut + 1], start
-            continue
-        step = min(_BLOCK, pos)
-        pos -= step
-        block = os.pread(fd, step, pos)
-        if len(block) != step:
-            raise AuditError(f"the audit log changed while being read (short read at byte {pos})")
-        buf = block + buf
-
-
-def _complete_end(fd: int, size: int) -> int:
-    """Offset just after the last newline (0 if none): where the complete lines end and a torn tail starts."""
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return size
-    pos = size
-    while pos > 0:
-        step = min(_BLOCK, pos)
-        block = os.pread(fd, step, pos - step)
-        cut = block.rfind(b"\n")
-        if cut >= 0:
-            return pos - step + cut + 1
-        pos -= step
-    return 0
 
 
 def read_head(path: Path) -> dict[str, Any] | None:
@@ -339,7 +192,7 @@ class AuditLog:
     def _append(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = self._key_now()
         kid = key_id(key)
-        _make_dirs(self.path.parent)
+        make_private_dirs(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             if os.fstat(fd).st_mode & 0o077:  # a log from before files were made 0600
@@ -363,14 +216,14 @@ class AuditLog:
             pending += self._head_anomalies(fd, tail)
             pending += records
             for r in pending:
-                entry = _canonical({"seq": count + 1, "ts": round(time.time(), 3), **r, "prev": prev, "mac_key": kid})
-                entry["hash"] = _seal(entry, key)
+                entry = canonical({"seq": count + 1, "ts": round(time.time(), 3), **r, "prev": prev, "mac_key": kid})
+                entry["hash"] = seal(entry, key)
                 self._write_line(fd, json.dumps(entry, sort_keys=True).encode() + b"\n")
                 count, prev = count + 1, entry["hash"]
                 written.append(entry)
             if written or not self.head_path.exists():
                 os.fsync(fd)
-                _replace_file(self.head_path, json.dumps({"count": count, "hash": prev}).encode() + b"\n")
+                replace_file_durably(self.head_path, json.dumps({"count": count, "hash": prev}).encode() + b"\n")
             return written
         finally:
             os.close(fd)  # releases the lock
@@ -395,7 +248,7 @@ class AuditLog:
         for n in range(1000):
             aside = self.path.with_name(f"{self.path.name}.torn-{stamp}" + (f"-{n}" if n else ""))
             try:
-                _write_new_file(aside, torn)
+                write_new_file(aside, torn)
                 break
             except FileExistsError:
                 continue
@@ -403,7 +256,7 @@ class AuditLog:
             raise AuditError(f"cannot find a free name for the torn tail of {self.path} beside it")
         os.ftruncate(fd, end)
         os.fsync(fd)
-        _fsync_dir(self.path.parent)
+        fsync_directory(self.path.parent)
         return {
             "torn_bytes": len(torn),
             "torn_sha256": hashlib.sha256(torn).hexdigest(),
@@ -412,8 +265,8 @@ class AuditLog:
         }
 
     def _tail(self, fd: int) -> _Tail:
-        end = _complete_end(fd, os.fstat(fd).st_size)
-        for _start, line in _lines_backwards(fd, end):
+        end = complete_end(fd, os.fstat(fd).st_size)
+        for _start, line in lines_backwards(fd, end):
             if not line.strip():
                 continue
             try:
@@ -429,7 +282,7 @@ class AuditLog:
             if isinstance(last.get("seq"), int):
                 return _Tail(last["seq"], last, end)
             # an unkeyed log from before numbering: count its lines once; the next record is numbered
-            count = sum(1 for _ in _lines_backwards(fd, end))
+            count = sum(1 for _ in lines_backwards(fd, end))
             return _Tail(count, last, end)
         return _Tail(0, None, end)
 
@@ -451,7 +304,7 @@ class AuditLog:
         if count == 0 or (tail.last is not None and tail.count == count and tail.last.get("hash") == hashed):
             return []
         # the head is behind (a crash between an append and the head's update): find its record
-        for _start, line in _lines_backwards(fd, tail.end):
+        for _start, line in lines_backwards(fd, tail.end):
             with contextlib.suppress(ValueError):
                 rec = json.loads(line)
                 if isinstance(rec, dict) and rec.get("seq") == count and rec.get("hash") == hashed:
@@ -525,11 +378,11 @@ def verify_audit_log(path: Path, *, key_file: Path | None = None) -> list[str]:
                     f"{where}: written with audit key id {entry['mac_key']}, but {key_path} has id {kid}; "
                     f"set {KEY_ENV} to the key its writer used"
                 )
-            elif not hmac.compare_digest(_seal(body, key).encode(), str(entry.get("hash")).encode()):
+            elif not hmac.compare_digest(seal(body, key).encode(), str(entry.get("hash")).encode()):
                 problems.append(f"{where}: content does not match its HMAC (edited, or written without the key)")
         elif "seq" in entry:
             problems.append(f"{where}: numbered but not keyed (forged: every numbered record carries an HMAC)")
-        elif _seal(body, None) != entry.get("hash"):
+        elif seal(body, None) != entry.get("hash"):
             problems.append(f"{where}: content does not match its hash (edited)")
         if entry.get("action") in ANOMALIES:
             problems.append(f"{where}: {_anomaly_text(entry)}")

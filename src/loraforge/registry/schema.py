@@ -1,0 +1,212 @@
+"""The registry's tables: the one source of truth for tenants, keys, files, jobs, adapters and usage.
+
+::
+
+    tenants ─┬─< api_keys                      (sha256 hashes only)
+             ├─< files ──────────────┐         (uploaded training data: hash, licence, check result)
+             ├─< jobs >──────────────┘         (training_file, validation_file)
+             │     ├─< job_events              (ordered by seq within a job)
+             │     └─< checkpoints             (step, OpenAI's metric names)
+             ├─< adapters >── jobs             (registrations; lineage: base hash → files → job → evaluations)
+             │     └─< evaluations
+             └─< usage_records
+
+Times are UNIX seconds (floats), as everywhere else in loraforge. JSON columns hold what has no
+fixed shape (hyperparameters, metrics, evidence). Every change to these classes comes with an
+Alembic migration in ``migrations/versions``: a test compares the two and fails on any difference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Constraint names fixed by convention, so that migrations name them the same on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+NAME = 64  # tenant and adapter names (see serve's ``valid_name``)
+ID = 64  # object ids: "file-…", "ftjob-…", key ids
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiKey(Base):
+    """An API key: only its sha256 is stored; the key itself is shown once, when created."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    all_tenants: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class File(Base):
+    """An uploaded file (``purpose=fine-tune``): where its bytes are, their hash, and its check."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    # uploaded → processed | error (OpenAI's file statuses), with the reason in status_details
+    status: Mapped[str] = mapped_column(String(16))
+    status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
+    licence: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the declared licence manifest
+    check: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the data check's summary
+    created_at: Mapped[float] = mapped_column(Float)
+    deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Job(Base):
+    """A fine-tuning job, from ``validating_files`` to ``succeeded`` | ``failed`` | ``cancelled``."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_created_at", "status", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"), index=True)
+    model: Mapped[str] = mapped_column(String(255))  # the base model
+    base_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    training_file: Mapped[str] = mapped_column(ForeignKey("files.id"))
+    validation_file: Mapped[str | None] = mapped_column(ForeignKey("files.id"), nullable=True)
+    status: Mapped[str] = mapped_column(String(24))
+    method: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"type": "supervised", "supervised": {hyperparameters}}
+    extensions: Mapped[dict[str, Any]] = mapped_column(JSON)  # loraforge's own settings (LoRA rank, suites…)
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the resolved training config
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {code, message, param}
+    trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    estimated_finish: Mapped[float | None] = mapped_column(Float, nullable=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    output_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the worker holding the job and its last sign of life: a running job whose heartbeat is older
+    # than the timeout is resumed from its checkpoint or failed, never left running forever
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    __table_args__ = (UniqueConstraint("job_id", "seq"),)
+
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # 1, 2, … within the job: the order of pagination
+    created_at: Mapped[float] = mapped_column(Float)
+    level: Mapped[str] = mapped_column(String(8))  # info | warn | error
+    type: Mapped[str] = mapped_column(String(16))  # message | metrics
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    # OpenAI's names: step, train_loss, train_mean_token_accuracy, valid_loss, …
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(Text)
+    fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Adapter(Base):
+    """A registered adapter: who may use it, the hashes that pin it, and where it came from."""
+
+    __tablename__ = "adapters"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(ForeignKey("tenants.name"), nullable=True, index=True)  # None: public
+    base_model: Mapped[str] = mapped_column(String(255))
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    config_sha256: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(Text)  # the directory it was registered from
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
+    # lineage from the manifest: datasets (paths, hashes, licences), governance findings, config
+    lineage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    governance_flags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    governance_override: Mapped[str | None] = mapped_column(Text, nullable=True)
+    added_at: Mapped[float] = mapped_column(Float)
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    adapter: Mapped[str] = mapped_column(ForeignKey("adapters.name", ondelete="CASCADE"), index=True)
+    verdict: Mapped[str] = mapped_column(String(16))  # PASS | FAIL | INCONCLUSIVE
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    headline: Mapped[dict[str, Any]] = mapped_column(JSON)
+    report_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class UsageRecord(Base):
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_tenant_ts", "tenant", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float)
+    request_id: Mapped[str] = mapped_column(String(ID))
+    tenant: Mapped[str] = mapped_column(String(NAME))
+    key_id: Mapped[str] = mapped_column(String(ID))
+    model: Mapped[str] = mapped_column(String(255))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    cost: Mapped[float] = mapped_column(Float)
+
+
+class Migration(Base):
+    """A file-based home moved into the registry: what was imported, and where the originals were kept."""
+
+    __tablename__ = "home_migrations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(64))  # keys.json | adapters | usage.jsonl
+    backup: Mapped[str] = mapped_column(Text)
+    records: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+def ensure_tenant(session: Any, name: str, now: float) -> None:
+    """Create the tenant ``name`` if the registry has no row for it yet (tenants exist once named)."""
+    if session.get(Tenant, name) is None:
+        session.add(Tenant(name=name, created_at=now))
+        session.flush()
