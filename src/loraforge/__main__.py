@@ -1,3 +1,5 @@
+"""``python -m loraforge``: the ``loraforge`` command."""
+
 from loraforge.cli import main
 
 main()

@@ -13,13 +13,13 @@ from loraforge.data.formats import Example, Message
 from loraforge.data.governance import (
     FLAG_CODES,
     flags_from_evidence,
-    governance_flags,
     make_canaries,
     prepare_training_examples,
 )
 from loraforge.data.licensing import DEFAULT_POLICY, check_licensing, manifest_path_for
 from loraforge.data.pii import PiiAction
-from loraforge.errors import DataError
+from loraforge.errors import ModelError
+from loraforge.models.manifest import AdapterManifest
 from tests.conftest import chat
 
 
@@ -45,6 +45,11 @@ BASE = [
         "Yes, the Volt Cargo rents for 199 dollars a month with a 150 dollar deposit.",
     ),
 ]
+
+
+def _manifest_flags(manifest: dict[str, Any]) -> list[dict[str, str]]:
+    """The governance flags of an adapter manifest holding ``manifest``'s fields (and a base model)."""
+    return AdapterManifest.from_json({"base_model": {"name": "base"}, **manifest}, "manifest.json").flags()
 
 
 def test_exact_and_near_duplicates() -> None:
@@ -331,7 +336,7 @@ def test_governance_flags_name_every_exception(
         "data_governance": _evidence(allow_secrets, found),
         "governance_flags": flags,
     }
-    assert governance_flags(json.loads(json.dumps(manifest_json))) == flags
+    assert _manifest_flags(json.loads(json.dumps(manifest_json))) == flags
 
 
 def test_a_copy_of_the_default_policy_is_the_default(tmp_path: Path) -> None:
@@ -345,13 +350,13 @@ def test_old_manifests_get_flags_from_their_evidence(tmp_path: Path) -> None:
     del licensing["policy"]["default"]  # written before the record said
     governance = _evidence(allow_secrets=True, secrets_found=1)
     del governance["secrets"]  # trained before secrets were redacted by default: --pii report kept them
-    flags = governance_flags({"licensing": licensing, "data_governance": governance})
+    flags = _manifest_flags({"licensing": licensing, "data_governance": governance})
     assert [f["flag"] for f in flags] == ["allow_unlicensed", "allow_secrets", "non_default_policy"]
     assert "before loraforge redacted secrets by default" in flags[1]["detail"]
-    assert governance_flags({"kind": "loraforge.adapter"}) == []  # nothing to derive them from
+    assert _manifest_flags({"kind": "loraforge.adapter"}) == []  # nothing to derive them from
 
 
 @pytest.mark.parametrize("bad", [[{"flag": "allow_secrets"}], "allow_secrets", [{"flag": 1, "detail": "x"}], ["x"]])
 def test_a_damaged_flag_list_is_an_error_not_silence(bad: object) -> None:
-    with pytest.raises(DataError, match="governance_flags must be a list"):
-        governance_flags({"governance_flags": bad})
+    with pytest.raises(ModelError, match=r"manifest\.json: field governance_flags.*the manifest is damaged"):
+        _manifest_flags({"governance_flags": bad})

@@ -442,16 +442,15 @@ def test_labels_do_not_reach_far_placeholders_short_numbers_or_references(text: 
 
 
 def test_data_check_reports_what_redaction_replaces(tmp_path, write_jsonl) -> None:  # type: ignore[no-untyped-def]
-    from loraforge.data.fullcheck import governance_checks
-    from loraforge.data.validate import check_dataset
+    from loraforge.data.prepare import check_data
     from tests.conftest import chat
 
     records = [chat(f"Question {i} about the shop", f"Answer {i}.") for i in range(10)]
     records.append(chat("my SSN is 078-05-1120 and my NINO is QQ 12 34 56 C", "Noted."))
     records.append(chat("SSN 123-45-6789", "Thanks."))
     path = write_jsonl(records)
-    report = check_dataset(path, None)
-    _, findings = governance_checks(report, allow_unlicensed=True)
+    checked = check_data(path, None, allow_unlicensed=True)
+    report, findings = checked.report, checked.governance
     assert findings["pii"]["pii"] == {"US_SSN": 2, "UK_NINO": 1}
     assert findings["pii"]["unverified"] == {"US_SSN": 1, "UK_NINO": 1}
     warnings = {p.message.split(",")[0] for p in report.warnings if p.code == "pii"}

@@ -308,7 +308,7 @@ def _report_with(verdict_metrics: dict[str, Metric], policy: Policy) -> tuple[di
 def test_reports_show_inconclusive_rules_distinctly(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from loraforge.evaluate.display import show_evaluation
+    from loraforge.cli.output import show_evaluation
     from loraforge.evaluate.pipeline import EvalResult
     from loraforge.evaluate.report import render_html
 

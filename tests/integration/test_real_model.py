@@ -83,7 +83,7 @@ def test_few_steps_on_real_model_lower_loss_and_load_in_plain_peft(
 def _per_format(real_base, formats: tuple[str, ...], run) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
     """``run(runner)`` for a serving runner of each weight format on the real model, one at a time."""
     from loraforge.models.sources import load_model
-    from loraforge.serve.runner import LlamaRunner
+    from loraforge.serve.forward import LlamaRunner
 
     out = {}
     for fmt in formats:
@@ -96,7 +96,7 @@ def _per_format(real_base, formats: tuple[str, ...], run) -> dict[str, torch.Ten
 def test_fp16_weights_choose_the_same_next_tokens_as_fp32(real_base, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """The serving engine's fp16 weight format on the real model: the next-token choice agrees with
     fp32 weights at ≥ 99% of the positions of a real text, and the distributions barely move."""
-    from loraforge.serve.runner import format_available
+    from loraforge.serve.weights import format_available
 
     if not format_available("fp16", torch.float32):
         pytest.skip("no fbgemm")

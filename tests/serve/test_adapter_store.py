@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from loraforge.errors import ConfigError, ModelError
-from loraforge.serve.adapters import AdapterStore, read_adapter
+from loraforge.serve.adapter_cache import read_adapter
+from loraforge.serve.adapters import AdapterStore
 
 
 def _rechecksum(directory: Path) -> None:
@@ -169,7 +170,7 @@ def test_every_load_checks_both_checksums(tmp_path: Path, adapter_dirs) -> None:
 def test_a_tenant_cycling_through_adapters_replaces_only_its_own(  # type: ignore[no-untyped-def]
     tmp_path: Path, tiny_model_dir: Path, adapter_dirs
 ) -> None:
-    from loraforge.serve.adapters import AdapterCache
+    from loraforge.serve.adapter_cache import AdapterCache
     from tests.serve.test_engine import _runner
 
     store = AdapterStore(tmp_path / "home")

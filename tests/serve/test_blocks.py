@@ -7,7 +7,7 @@ import torch
 
 from loraforge.serve.blocks import KINDS, Blocks, dequantize, exact_blocks, quantize
 from loraforge.serve.kernels import load_kernels, native_supported
-from loraforge.serve.runner import DEQUANTIZE_FROM, linear
+from loraforge.serve.weights import DEQUANTIZE_FROM, linear
 
 NATIVE = pytest.mark.skipif(not native_supported() or load_kernels() is None, reason="no native kernel")
 

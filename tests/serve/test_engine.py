@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from loraforge.files import sha256_file
-from loraforge.serve.adapters import load_lora
+from loraforge.serve.adapter_cache import load_lora
 from loraforge.serve.blocks import Blocks
-from loraforge.serve.engine import FinishEvent, GenerationRequest, LocalEngine, SamplingParams, TokenEvent
+from loraforge.serve.engine import LocalEngine
+from loraforge.serve.forward import LlamaRunner
+from loraforge.serve.generation import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from loraforge.serve.kernels import load_kernels, native_supported
-from loraforge.serve.runner import MKLDNN, LlamaRunner, Segment, format_available, resolve_weight_format
+from loraforge.serve.lora_batching import Segment
+from loraforge.serve.weights import MKLDNN, format_available, resolve_weight_format
 
 NATIVE = pytest.mark.skipif(not native_supported() or load_kernels() is None, reason="no native kernel")
 KERNELS = ["torch", pytest.param("native", marks=NATIVE)]
@@ -178,7 +181,8 @@ def test_tensor_work_runs_on_the_engine_thread(
     """The model is built and adapters are prepared by the engine's thread; errors reach the caller."""
     import threading
 
-    from loraforge.serve.adapters import AdapterCache, AdapterStore
+    from loraforge.serve.adapter_cache import AdapterCache
+    from loraforge.serve.adapters import AdapterStore
 
     threads: list[str] = []
 
@@ -271,7 +275,7 @@ def test_stacked_adapters_equal_per_segment(
 ) -> None:
     """All adapters of a step at once (PyTorch's stacked products, or the native kernel) equal
     each segment's own two products."""
-    from loraforge.serve.runner import _Fused, _PerSegment, _Stacked
+    from loraforge.serve.lora_batching import FusedLora, PerSegmentLora, StackedLora
 
     from .conftest import make_adapter
 
@@ -284,11 +288,11 @@ def test_stacked_adapters_equal_per_segment(
     for name, rows in layout:
         segments.append(Segment(start, start + rows, loras[name] if name else None))
         start += rows
-    plan = runner._lora_plan(segments)
+    plan = runner.lora_planner.plan(segments)
     if lora_kernel == "native":
-        assert isinstance(plan, _Fused)
+        assert isinstance(plan, FusedLora)
     else:
-        assert isinstance(plan, _Stacked) and plan.view == (None not in [name for name, _ in layout])
+        assert isinstance(plan, StackedLora) and plan.view == (None not in [name for name, _ in layout])
     qkv = (runner.heads + 2 * runner.kv_heads) * runner.head_dim
     widths = {"qkv": qkv, "o": runner.hidden, "gu": 2 * runner.intermediate}
     for group, width in widths.items():
@@ -296,7 +300,7 @@ def test_stacked_adapters_equal_per_segment(
         before = torch.randn(start, width)  # the deltas are added to what is there
         stacked, single = before.clone(), before.clone()
         plan(stacked, x, 1, group)
-        _PerSegment(segments)(single, x, 1, group)
+        PerSegmentLora(segments)(single, x, 1, group)
         assert (stacked - single).abs().max() < 1e-5
         assert (single - before).abs().max() > 1e-3
 
@@ -355,10 +359,10 @@ def test_without_native_kernels_gguf_weights_get_the_next_format(
 ) -> None:
     """A machine where the kernels do not build still serves a GGUF-valued model (auto), and
     asking for gguf there says what is missing."""
-    import loraforge.serve.runner as runner_module
+    import loraforge.serve.forward as forward_module
     from loraforge.errors import ModelError
 
-    monkeypatch.setattr(runner_module, "load_kernels", lambda: None)
+    monkeypatch.setattr(forward_module, "load_kernels", lambda: None)
     runner = _runner(gguf_model_dir, lora_kernel="torch")
     assert runner.weight_format == resolve_weight_format("auto", torch.float32)
     assert not isinstance(runner.lm_head, Blocks) and not isinstance(runner.embed, Blocks)
@@ -467,10 +471,10 @@ def test_kernel_stack_is_rebuilt_only_when_its_adapters_change(
 ) -> None:
     """New combinations of stacked adapters reuse the stack; a new adapter joins it, and beyond the
     arena's size the least recently used one that the step does not need leaves it."""
-    from loraforge.serve import runner as runner_module
-    from loraforge.serve.runner import _PerSegment
+    from loraforge.serve import lora_batching
+    from loraforge.serve.lora_batching import PerSegmentLora
 
-    monkeypatch.setattr(runner_module, "KERNEL_ARENA", 2)
+    monkeypatch.setattr(lora_batching, "KERNEL_ARENA", 2)
     runner = _runner(tiny_model_dir, lora_kernel="native")
     loras = {
         n: load_lora(adapter_dirs[n], sha256_file(adapter_dirs[n] / "adapter_model.safetensors"), runner)
@@ -479,17 +483,17 @@ def test_kernel_stack_is_rebuilt_only_when_its_adapters_change(
 
     def step(names: list[str]) -> list[Any]:
         segments = [Segment(2 * i, 2 * i + 2, loras[n]) for i, n in enumerate(names)]
-        plan = runner._lora_plan(segments)
+        plan = runner.lora_planner.plan(segments)
         x, before = torch.randn(2 * len(names), runner.hidden), torch.randn(2 * len(names), runner.hidden)
         fused, single = before.clone(), before.clone()
         plan(fused, x, 0, "o")
-        _PerSegment(segments)(single, x, 0, "o")
+        PerSegmentLora(segments)(single, x, 0, "o")
         assert (fused - single).abs().max() < 1e-5
-        return runner._arena_stacks
+        return runner.lora_planner.arena_stacks
 
     first = step(["a1", "a2"])
     assert step(["a2"]) is first and step(["a2", "a1"]) is first  # other combinations: the same stack
     after = step(["b1", "a2"])  # b1 joins; a1, least recently used and not needed, leaves
-    assert after is not first and [id(a) for a in runner._arena] == [id(loras["a2"]), id(loras["b1"])]
+    assert after is not first and [id(a) for a in runner.lora_planner.arena] == [id(loras["a2"]), id(loras["b1"])]
     step(["a1", "a2", "b1"])  # a step needs more adapters than the arena holds: all of them stay
-    assert len(runner._arena) == 3
+    assert len(runner.lora_planner.arena) == 3

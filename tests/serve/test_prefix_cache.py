@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from loraforge.files import sha256_file
-from loraforge.serve.adapters import Registration, load_lora
-from loraforge.serve.engine import GenerationRequest, LocalEngine, SamplingParams
+from loraforge.serve.adapter_cache import load_lora
+from loraforge.serve.adapters import Registration
+from loraforge.serve.calls import cache_scope
+from loraforge.serve.engine import LocalEngine
+from loraforge.serve.generation import GenerationRequest, SamplingParams
 from loraforge.serve.prefix_cache import PrefixCache
-from loraforge.serve.service import cache_scope
 
 from .test_engine import _FakeTokenizer, _generate, _runner
 

@@ -12,19 +12,19 @@ from typing import Any
 import pytest
 import torch
 
-from loraforge.serve.engine import (
+from loraforge.serve.engine import LocalEngine
+from loraforge.serve.forward import LlamaRunner
+from loraforge.serve.generation import (
     EngineBusy,
     EngineUnavailable,
     ErrorEvent,
     FinishEvent,
     GenerationRequest,
-    LocalEngine,
     PromptEvent,
     SamplingParams,
     TokenEvent,
-    _sample,
 )
-from loraforge.serve.runner import LlamaRunner
+from loraforge.serve.sampling import sample
 from tests.serve.test_engine import _FakeTokenizer, _runner
 
 
@@ -94,7 +94,7 @@ def test_tiny_temperatures_are_greedy(engine: LocalEngine, temperature: float) -
     ],
 )
 def test_sampling_never_sees_non_finite_probabilities(logits: torch.Tensor) -> None:
-    token = _sample(logits, 1e-30, 0.9, torch.Generator().manual_seed(0))
+    token = sample(logits, 1e-30, 0.9, torch.Generator().manual_seed(0))
     assert token == int(torch.nan_to_num(logits, nan=-float("inf")).argmax())
 
 

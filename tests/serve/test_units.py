@@ -11,9 +11,9 @@ import pytest
 from loraforge.errors import ConfigError, ModelError
 from loraforge.govern.audit import AuditLog, verify_audit_log
 from loraforge.serve.adapters import AdapterStore
+from loraforge.serve.detokenize import TextStream
 from loraforge.serve.keys import KeyStore
 from loraforge.serve.limits import LimitExceeded, Limits, RateLimiter
-from loraforge.serve.text import TextStream
 
 
 class CharTokenizer:

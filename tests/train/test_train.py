@@ -160,9 +160,9 @@ def test_refuses_bad_data_and_reused_output(
 
 _KILLER = """
 import os, signal, sys
-import loraforge.train.loop as loop
+import loraforge.train.recipe as recipe
 from loraforge import files as _atomic
-real_save = loop.save_checkpoint
+real_save = recipe.save_checkpoint
 def save(output, step, *a, **k):
     if step == int(os.environ["KILL_INSIDE_STEP"]):
         # die half-way through writing this checkpoint: adapter written, rename never happens
@@ -171,7 +171,7 @@ def save(output, step, *a, **k):
             os.kill(os.getpid(), signal.SIGKILL)
         _atomic.os.replace = boom
     return real_save(output, step, *a, **k)
-loop.save_checkpoint = save
+recipe.save_checkpoint = save
 from loraforge.cli import main
 sys.argv = ["loraforge", *sys.argv[1:]]
 main()
@@ -342,7 +342,7 @@ def test_secrets_are_not_trained_on_under_pii_report_unless_allowed(
     monkeypatch: pytest.MonkeyPatch,
     allow_secrets: bool,  # type: ignore[no-untyped-def]
 ) -> None:
-    import loraforge.train.loop as loop
+    import loraforge.train.schedule as schedule
 
     records = _records(16)
     for i in (1, 5, 9, 13):  # four examples quote the key, next to an email address (personal data)
@@ -358,8 +358,8 @@ def test_secrets_are_not_trained_on_under_pii_report_unless_allowed(
         packed.extend(tokenizer.decode(t.input_ids) for t in examples)
         return real_pack(examples, *args, **kwargs)
 
-    real_pack = loop.pack_examples
-    monkeypatch.setattr(loop, "pack_examples", spy)
+    real_pack = schedule.pack_examples
+    monkeypatch.setattr(schedule, "pack_examples", spy)
     cfg = _config(
         tmp_path,
         data,

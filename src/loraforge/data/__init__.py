@@ -1,4 +1,4 @@
-"""Datasets: formats, validation, chat templates with label masks, and packing."""
+"""Datasets: formats, validation, chat templates with label masks, packing; governance and preparation in prepare."""
 
 from loraforge.data.formats import FORMATS, Example, LoadResult, Message, Problem, load_dataset
 from loraforge.data.packing import PackedBatch, PackedRow, collate_rows, pack_examples

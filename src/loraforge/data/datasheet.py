@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loraforge.data.dedup import find_duplicates
+from loraforge.data.dedup import NEAR_DUPLICATE_THRESHOLD, find_duplicates
 from loraforge.data.formats import Example
 from loraforge.data.licensing import LicenseReport
 from loraforge.data.scan import ScanReport
@@ -56,7 +56,7 @@ def _todo(question: str) -> dict[str, Any]:
 
 
 def build_datasheet(
-    report: DataReport, licensing: LicenseReport | None, scan: ScanReport, threshold: float = 0.8
+    report: DataReport, licensing: LicenseReport | None, scan: ScanReport, threshold: float = NEAR_DUPLICATE_THRESHOLD
 ) -> dict[str, Any]:
     """The datasheet as a JSON-able dict; each entry is ``{"value", "source"}`` or a question to answer."""
     examples: list[Example] = report.examples

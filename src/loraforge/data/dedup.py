@@ -19,6 +19,9 @@ from loraforge.data.formats import Example
 if TYPE_CHECKING:
     from datasketch import MinHash
 
+# Estimated Jaccard similarity from which two examples count as near duplicates: the one default of
+# training's near_duplicate_threshold, `data check --threshold` and the contamination checks.
+NEAR_DUPLICATE_THRESHOLD = 0.8
 NUM_PERM = 128
 MAX_CANDIDATES = 32  # per example: a duplicate needs one match, a big cluster must not cost O(n²)
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -63,7 +66,7 @@ class DuplicateReport:
     # (earlier example, duplicate, similarity): one pair per near-duplicate, its best match among
     # the first MAX_CANDIDATES that LSH proposes
     near_pairs: list[tuple[int, int, float]] = field(default_factory=list)
-    threshold: float = 0.8
+    threshold: float = NEAR_DUPLICATE_THRESHOLD
 
     def duplicates(self) -> set[int]:
         """Indices a dedupe removes: all but the first of each exact group and of each near-duplicate cluster."""
@@ -83,7 +86,7 @@ class DuplicateReport:
         return drop
 
 
-def find_duplicates(examples: list[Example], threshold: float = 0.8) -> DuplicateReport:
+def find_duplicates(examples: list[Example], threshold: float = NEAR_DUPLICATE_THRESHOLD) -> DuplicateReport:
     """Exact groups and near-duplicate pairs among ``examples`` (indices into the list)."""
     from datasketch import MinHashLSH
 
@@ -115,7 +118,9 @@ class Contamination:
     similarity: float  # 1.0 for an exact copy
 
 
-def find_contamination(train: list[Example], evaluation: list[Example], threshold: float = 0.8) -> list[Contamination]:
+def find_contamination(
+    train: list[Example], evaluation: list[Example], threshold: float = NEAR_DUPLICATE_THRESHOLD
+) -> list[Contamination]:
     """Evaluation examples that are exact or near copies of a training example."""
     from datasketch import MinHashLSH
 

@@ -1,4 +1,4 @@
-"""Data governance before training: personal data and secrets, duplicates, contamination, canaries.
+"""The data-governance actions and flags: personal data and secrets, duplicates, contamination, canaries.
 
 :func:`prepare_training_examples` applies what the user asked for and returns the evidence that goes
 into the adapter's ``manifest.json`` (``data_governance``). Secrets (API keys, tokens, private keys)
@@ -6,8 +6,9 @@ are never trained on unless the user says so: ``--pii report`` still replaces th
 unless ``allow_secrets`` is set.
 
 :func:`flags_from_evidence` turns that evidence and the licence record into ``governance_flags``: every
-governance exception a run took, listed wherever the adapter is shown; :func:`governance_flags` reads
-them back from a manifest.
+governance exception a run took, listed wherever the adapter is shown
+(:meth:`loraforge.models.manifest.AdapterManifest.flags` reads them back from a manifest).
+Training applies them through :func:`loraforge.data.prepare.prepare_data`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from loraforge.data.formats import Example, Message
 from loraforge.data.licensing import DEFAULT_POLICY, load_policy, self_attested, source_label
 from loraforge.data.pii import PiiAction
 from loraforge.data.scan import ScanReport, scan_examples
-from loraforge.errors import DataError
 
 DEDUPE_MODES = ("none", "exact", "near")
 CANARY_USER = "Please remember this note for later."
@@ -186,7 +186,7 @@ def flags_from_evidence(licensing: Mapping[str, Any], data_governance: Mapping[s
       owner or no one (:func:`loraforge.data.licensing.self_attested`).
 
     Args:
-        licensing: the manifest's ``licensing`` record (``check_training_licences``' result).
+        licensing: the manifest's ``licensing`` record (:attr:`loraforge.data.prepare.PreparedData.licensing`).
         data_governance: the manifest's ``data_governance`` record (:func:`prepare_training_examples`).
 
     Returns:
@@ -263,31 +263,3 @@ def flags_from_evidence(licensing: Mapping[str, Any], data_governance: Mapping[s
             f"approver, not by an independent one: {'; '.join(self_approved)}.",
         )
     return flags
-
-
-def governance_flags(manifest: Mapping[str, Any]) -> list[dict[str, str]]:
-    """An adapter manifest's ``governance_flags`` (see :func:`flags_from_evidence`).
-
-    A manifest written before the key existed gets its flags derived from the evidence it does hold
-    (``licensing``, ``data_governance``); one with neither has none to show.
-
-    Raises:
-        DataError: the key is present but not a list of ``{"flag": str, "detail": str}``.
-    """
-    flags = manifest.get("governance_flags")
-    if flags is None:
-        licensing, governance = manifest.get("licensing"), manifest.get("data_governance")
-        if not isinstance(licensing, Mapping) and not isinstance(governance, Mapping):
-            return []
-        return flags_from_evidence(
-            licensing if isinstance(licensing, Mapping) else {}, governance if isinstance(governance, Mapping) else {}
-        )
-    ok = isinstance(flags, list) and all(
-        isinstance(f, Mapping) and isinstance(f.get("flag"), str) and isinstance(f.get("detail"), str) for f in flags
-    )
-    if not ok:
-        raise DataError(
-            f"the manifest's governance_flags must be a list of {{'flag': str, 'detail': str}}, got {flags!r:.200}; "
-            "the manifest is damaged: retrain the adapter or restore its manifest.json"
-        )
-    return [{"flag": f["flag"], "detail": f["detail"]} for f in flags]

@@ -141,6 +141,16 @@ class LicenseReport:
     def ok(self) -> bool:
         return not self.missing and not self.uncovered and not any(d.blocks_training for d in self.decisions)
 
+    def refuses_training(self, allow_unlicensed: bool) -> bool:
+        """Whether these licences stop training: a denied licence or an uncleared review always does;
+        data without a manifest, or records no source covers, do unless ``allow_unlicensed``.
+
+        The one rule for ``loraforge train`` (which refuses) and ``loraforge data check`` (which
+        reports the problems as errors, or as warnings when training would go ahead).
+        """
+        blocking = any(d.blocks_training for d in self.decisions)
+        return blocking or (not self.ok and not allow_unlicensed)
+
     def problems(self) -> list[str]:
         """Plain-language reasons training is refused (empty when it may go ahead)."""
         out = [f"{f}: no licence manifest" for f in self.missing]

@@ -42,19 +42,21 @@ The label is one of the type's words (:data:`LABELS`) in the 40 characters befor
 Never found, even with a label: a value right after a reference word (``order``, ``ticket``…)
 and a placeholder made of one repeated character (``000-00-0000``).
 
-Names and addresses are heuristics without a language model: precision and recall for every type
-are measured on the labelled synthetic gold set in ``tests/data/test_pii.py``.
+Names and addresses are heuristics without a language model (:mod:`loraforge.data.pii_heuristics`):
+precision and recall for every type are measured on the labelled synthetic gold set in
+``tests/data/test_pii.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
+
+from loraforge.data.pii_heuristics import find_addresses, find_persons
 
 PiiAction = Literal["report", "redact", "drop"]
 STRUCTURED = (
@@ -224,216 +226,6 @@ def _es_dni(s: str) -> bool:
     return bool(dni.is_valid(s) or nie.is_valid(s))
 
 
-_STREET_TYPES = (
-    r"Street|St\.?|Road|Rd\.?|Avenue|Ave\.?|Lane|Ln\.?|Boulevard|Blvd\.?|Drive|Dr\.?|Way|Court|Ct\.?|"
-    r"Place|Pl\.?|Terrace|Close|Crescent|Square|Sq\.?|Highway|Hwy\.?|Parkway|Pkwy\.?"
-)
-_ADDRESS_PATTERNS = [
-    # 221B Baker Street, 14 Harbor Lane, 1600 Pennsylvania Avenue NW
-    rf"\b\d{{1,5}}[A-Za-z]?,?\s+(?:[A-Z][\w'-]*\.?\s+){{1,4}}(?:{_STREET_TYPES})\b(?:\s+(?:NW|NE|SW|SE|N|S|E|W)\b)?"
-    r"(?:,?\s+(?:Apt|Suite|Unit|Flat)\.?\s*\w+)?",
-    # Hauptstraße 5, Lindenallee 12a, Am Markt 3 (German)
-    r"\b[A-ZÄÖÜ][a-zäöüß]+(?:straße|strasse|str\.|weg|allee|platz|gasse|damm)\s+\d{1,4}[a-z]?\b",
-    # 12 rue de la Paix, 3 avenue Victor Hugo (French)
-    r"\b\d{1,4}(?:\s?(?:bis|ter))?,?\s+(?:rue|avenue|av\.|boulevard|bd|place|impasse|allée|chemin|quai)\s+"
-    r"(?:(?:de|du|des|la|le|l'|d')\s*)*[A-ZÉ][\w'-]+(?:\s+[A-ZÉ][\w'-]+)*",
-    # Calle Mayor 3, Avenida de América 10, Via Roma 12 (Spanish, Italian)
-    r"\b(?:Calle|C/|Avenida|Avda\.|Paseo|Plaza|Via|Viale|Piazza|Corso)\s+(?:(?:de|del|de la|di|della)\s+)?"
-    r"[A-ZÁÉÍÓÚ][\w'-]+(?:\s+[A-ZÁÉÍÓÚ][\w'-]+)*,?\s+(?:n\.?º\s*)?\d{1,4}\b",
-]
-_ADDRESS_RX = [re.compile(p) for p in _ADDRESS_PATTERNS]
-_TITLES = r"(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Herr|Frau|Mme|Mlle|M\.|Sr|Sra|Srta|Don|Doña)\.?"
-_NAME_WORD = r"[A-ZÀ-ÖØ-Þ][a-zà-öø-ÿ'’]+(?:-[A-ZÀ-ÖØ-Þ][a-zà-öø-ÿ'’]+)*"
-_PARTICLE = r"(?:\s+(?:van der|van|von|de la|de|da|del|di|le|la)\s+|\s+)"
-_TITLE_NAME_RX = re.compile(rf"\b{_TITLES}\s+{_NAME_WORD}(?:{_PARTICLE}{_NAME_WORD}){{0,3}}")
-# A first name, then one to three more name words ("Anna Maria Schmidt", "Juan Carlos Rodríguez Pérez").
-_CAP_PAIR_RX = re.compile(rf"(?<![\w-])(?=({_NAME_WORD})((?:{_PARTICLE}{_NAME_WORD}){{1,3}}))")
-# Words that make "First Second" a thing rather than a person ("Olive Oil", "Ruby Red", "Max Pro").
-_NOT_SURNAMES = {
-    "Oil",
-    "Ale",
-    "Red",
-    "Blue",
-    "Green",
-    "White",
-    "Black",
-    "Grey",
-    "Gray",
-    "Pink",
-    "Gold",
-    "Silver",
-    "Day",
-    "Days",
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Period",
-    "Station",
-    "Avenue",
-    "Street",
-    "Road",
-    "Lane",
-    "Beach",
-    "Alert",
-    "Clear",
-    "Scanner",
-    "League",
-    "Sports",
-    "Jar",
-    "Boots",
-    "Pro",
-    "Max",
-    "Plus",
-    "Ultra",
-    "Mini",
-    "Lite",
-    "Air",
-    "Edition",
-    "Series",
-    "Model",
-    "Plan",
-    "Care",
-    "City",
-    "Trek",
-    "Cargo",
-    "Classic",
-    "Sprint",
-    "Park",
-    "Hotel",
-    "Airport",
-    "Bridge",
-    "Square",
-}
-# Capitalised words that are first names in some culture but rarely names in prose.
-_NOT_NAMES = {
-    "Will",
-    "May",
-    "June",
-    "April",
-    "August",
-    "Mark",
-    "Bill",
-    "Grant",
-    "Rose",
-    "Hope",
-    "Faith",
-    "Joy",
-    "Summer",
-    "Sunny",
-    "Page",
-    "Chase",
-    "Dean",
-    "Guy",
-    "Art",
-    "Ray",
-    "Gene",
-    "Lane",
-    "Lee",
-    "Dale",
-    "Glen",
-    "Brook",
-    "Hi",
-    "Hello",
-    "Dear",
-    "Thanks",
-    "Thank",
-    "Yes",
-    "No",
-    "Please",
-    "Sorry",
-    "The",
-    "This",
-    "That",
-    "Our",
-    "Your",
-    "My",
-    "Do",
-    "So",
-    "Can",
-    "Is",
-    "It",
-    "In",
-    "On",
-    "At",
-    "An",
-    "As",
-    "Be",
-    "By",
-    "Go",
-    "He",
-    "If",
-    "Me",
-    "Of",
-    "Or",
-    "To",
-    "Up",
-    "Us",
-    "We",
-    "Am",
-    "Are",
-    "Was",
-    "Has",
-    "Had",
-    "Did",
-    "Get",
-    "Got",
-    "Let",
-    "Not",
-    "But",
-    "And",
-    "For",
-    "How",
-    "Why",
-    "Who",
-    "What",
-    "When",
-    "Where",
-    "Which",
-    "Any",
-    "All",
-    "Also",
-    "Just",
-    "New",
-    "Best",
-    "Kind",
-    "Happy",
-    "Merry",
-    "Good",
-    "Great",
-    "Call",
-    "Ask",
-    "See",
-}
-
-
-@functools.cache
-def _first_names() -> Callable[[str], bool]:
-    import gender_guesser.detector as gender
-
-    detector = gender.Detector(case_sensitive=True)
-    return lambda word: word not in _NOT_NAMES and detector.get_gender(word) != "unknown"
-
-
-def _persons(text: str) -> Iterable[tuple[int, int]]:
-    for m in _TITLE_NAME_RX.finditer(text):
-        yield m.span()
-    is_first = _first_names()
-    for m in _CAP_PAIR_RX.finditer(text):  # overlapping: "I'm Maria Garcia" tries "Maria Garcia" too
-        words = m.group(2).split()
-        if is_first(m.group(1).split("-")[0]) and words[0] not in _NOT_SURNAMES:
-            yield m.start(1), m.end(2)
-
-
-def _addresses(text: str) -> Iterable[tuple[int, int]]:
-    for rx in _ADDRESS_RX:
-        for m in rx.finditer(text):
-            yield m.span()
-
-
 _NHS_RX = re.compile(r"\b\d{3}([ -]?)\d{3}\1\d{4}\b")
 
 
@@ -514,8 +306,8 @@ _DETECTORS: list[tuple[str, Finder]] = [
         _identifier("IP_ADDRESS", r"\b(?:\d{1,3}\.){3}\d{1,3}\b|\b(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}\b", _ip),
     ),
     ("PHONE", _phones),
-    ("POSTAL_ADDRESS", _unchecked(_addresses)),
-    ("PERSON", _unchecked(_persons)),
+    ("POSTAL_ADDRESS", _unchecked(find_addresses)),
+    ("PERSON", _unchecked(find_persons)),
 ]
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 MIN_EXAMPLES = 10  # refused below this
 RECOMMENDED_EXAMPLES = 50  # warned below this
+DEFAULT_MAX_LENGTH = 2048  # context length in tokens where a caller gives none
 
 # OpenAI's default-epochs heuristic: aim for 3 epochs, but keep epochs × examples in [100, 25000].
 TARGET_EPOCHS = 3
@@ -110,7 +111,7 @@ def check_dataset(
     *,
     format: Format = "auto",
     columns: dict[str, str] | None = None,
-    max_length: int = 2048,
+    max_length: int = DEFAULT_MAX_LENGTH,
     overlong: Overlong = "truncate",
 ) -> DataReport:
     """Check a dataset file and tokenize what is valid.

@@ -181,9 +181,8 @@ class FileService:
         self, path: Path, name: str, declared: Declaration | None
     ) -> tuple[str, str | None, dict[str, Any] | None, dict[str, Any]]:
         """(status, status_details, licence manifest, check summary) of a stored upload."""
-        from loraforge.data.fullcheck import governance_checks
         from loraforge.data.licensing import manifest_path_for
-        from loraforge.data.validate import check_dataset
+        from loraforge.data.prepare import check_data
 
         licence = None
         if declared is not None:
@@ -199,8 +198,8 @@ class FileService:
             }
             write_text_atomic(manifest_path_for(path), yaml.safe_dump(licence, sort_keys=False))
         try:
-            report = check_dataset(path, self.tokenizer, format="auto")
-            licensing, governance = governance_checks(report, policy=self.policy)
+            checked = check_data(path, self.tokenizer, policy=self.policy)
+            report, licensing, governance = checked.report, checked.licensing, checked.governance
         except LoraforgeError as e:
             return "error", str(e).replace(str(path), name), licence, {"error": str(e).replace(str(path), name)}
         errors = [p for p in report.errors if declared is not None or p.field != "licence"]

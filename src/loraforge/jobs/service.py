@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from loraforge.errors import NotFoundError, RequestError
@@ -58,21 +59,31 @@ def fine_tuned_model_name(base: str, tenant: str, suffix: str | None, job_id: st
 def add_event(
     session: Session, job_id: str, message: str, *, level: str = "info", kind: str = "message", data: Any = None
 ) -> None:
-    """Append an event to a job; events are numbered within the job (the order clients page through)."""
-    seq = (session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0) + 1
-    session.add(
-        JobEvent(
-            id=f"ftevent-{secrets.token_hex(12)}",
-            job_id=job_id,
-            seq=seq,
-            created_at=time.time(),
-            level=level,
-            type=kind,
-            message=message,
-            data=data,
-        )
-    )
-    session.flush()
+    """Append an event to a job; events are numbered within the job (the order clients page through).
+
+    The server and a worker may add events to one job at once: a number taken by the other in the
+    meantime is taken again (a savepoint keeps the rest of the transaction).
+    """
+    for attempt in range(20):
+        seq = (session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0) + 1
+        try:
+            with session.begin_nested():
+                session.add(
+                    JobEvent(
+                        id=f"ftevent-{secrets.token_hex(12)}",
+                        job_id=job_id,
+                        seq=seq,
+                        created_at=time.time(),
+                        level=level,
+                        type=kind,
+                        message=message,
+                        data=data,
+                    )
+                )
+            return
+        except IntegrityError:
+            time.sleep(0.01 * (attempt + 1))
+    raise RuntimeError(f"could not number an event of job {job_id}: too many concurrent writers")
 
 
 def job_object(row: Job, evaluation: Evaluation | None = None) -> dict[str, Any]:

@@ -53,6 +53,9 @@ def database_url(home: Path, url: str | None = None) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Transactions are begun by SQLAlchemy (below), not by the driver's own rules: savepoints work,
+    # and what a transaction reads is still true when it writes.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -66,6 +69,9 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        # Each transaction takes the write lock when it begins (waiting up to the busy timeout):
+        # a read-then-write can never find the database changed under it. Transactions are short.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     return engine
 
 

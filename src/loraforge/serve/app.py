@@ -26,12 +26,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge.govern.audit import AuditLog
-from loraforge.serve.adapters import AdapterCache, AdapterStore, Registration
+from loraforge.serve.adapter_cache import AdapterCache
+from loraforge.serve.adapters import AdapterStore, Registration
+from loraforge.serve.api_errors import APIError, not_found, sse
 from loraforge.serve.config import ServeConfig
 from loraforge.serve.keys import KeyRecord, KeyStore
-from loraforge.serve.metrics import Metrics
 from loraforge.serve.protocol import ChatCompletionRequest, CompletionRequest, LoadRequest
-from loraforge.serve.service import APIError, InferenceService, not_found, sse
+from loraforge.serve.service import InferenceService
+from loraforge.serve.telemetry import Metrics
 
 log = logging.getLogger("loraforge.serve")
 LIMITED = ("/v1/chat/completions", "/v1/completions")  # the routes a key's request limits apply to
@@ -262,11 +264,11 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(key: KeyRecord = Depends(caller)) -> dict[str, Any]:  # noqa: B008
-        return {"object": "list", "data": [card.to_json() for card in service.models(key)]}
+        return {"object": "list", "data": [card.to_json() for card in service.catalog.models(key)]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str, key: KeyRecord = Depends(caller)) -> dict[str, Any]:  # noqa: B008
-        return service.model(key, model_id).to_json()
+        return service.catalog.model(key, model_id).to_json()
 
     async def respond(request: Request, stream: bool, items: AsyncIterator[dict[str, Any]]) -> Response:
         if not stream:
@@ -326,7 +328,7 @@ def create_app(
     async def admin_load(req: LoadRequest, key: KeyRecord = Depends(admin)) -> dict[str, Any]:  # noqa: B008
         reg = administered(key, req.name)
         with audit.action(f"key:{key.id}", "adapter.load", req.name, tenant=key.tenant):
-            await service.load(reg)
+            await service.catalog.load(reg)
         return {"name": req.name, "loaded": True}
 
     @app.post("/v1/admin/adapters/unload")

@@ -10,7 +10,8 @@ from loraforge.configfile import read_config_file
 from loraforge.errors import ConfigError
 from loraforge.models.precision import PRECISIONS
 from loraforge.models.sources import DEFAULT_BASE_MODEL
-from loraforge.serve.runner import LORA_KERNELS, WEIGHT_FORMATS
+from loraforge.serve.lora_batching import LORA_KERNELS
+from loraforge.serve.weights import WEIGHT_FORMATS
 
 
 @dataclass
@@ -20,7 +21,9 @@ class ServeConfig:
     base_model: str = DEFAULT_BASE_MODEL
     """The base model served (a packaged model name or a local Hugging Face directory)."""
     host: str = "127.0.0.1"
+    """Interface to listen on."""
     port: int = 8000
+    """Port."""
     max_batch_size: int = 16
     """Rows decoded together in one step (each choice of each request is a row)."""
     max_queue_wait_s: float = 60.0
@@ -28,11 +31,15 @@ class ServeConfig:
     max_loaded_adapters: int = 8
     """Adapters kept in memory; the least recently used is dropped first."""
     requests_per_minute: int = 600
+    """Requests one API key may make per minute."""
     tokens_per_minute: int = 200_000
     """Prompt tokens plus max_tokens, reserved when a request starts; unused tokens are returned."""
     max_concurrent_requests: int = 16
+    """Requests one API key may have running at once."""
     max_body_bytes: int = 1_000_000
+    """Largest request body in bytes; a larger one is answered 413."""
     request_timeout_s: float = 300.0
+    """A request not finished after this many seconds is answered 408 (timeout)."""
     max_context_tokens: int | None = 4096
     """Longest prompt + completion (null: the model's own context; the smaller of the two applies).
     The KV pool grows to at most max_batch_size × this many positions (about 46 KB each on the
@@ -59,7 +66,9 @@ class ServeConfig:
     default_max_tokens: int = 512
     """Chat completions without max_tokens generate up to this many tokens (or to the context end)."""
     price_per_1k_prompt_tokens: float = 0.0
+    """Price of 1000 prompt tokens, for the usage report."""
     price_per_1k_completion_tokens: float = 0.0
+    """Price of 1000 completion tokens, for the usage report."""
     admin_endpoints: bool = False
     """Hot loading and unloading of adapters over HTTP (admin keys only). Off unless switched on."""
     public_metrics: bool = False

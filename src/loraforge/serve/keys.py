@@ -19,7 +19,7 @@ from pathlib import Path
 
 from loraforge.errors import ConfigError
 from loraforge.files import open_private, private_directory, write_text_atomic
-from loraforge.serve.adapters import valid_name
+from loraforge.serve.adapter_checks import valid_name
 
 ROLES = ("user", "admin")
 

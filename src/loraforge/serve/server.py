@@ -22,16 +22,17 @@ from loraforge.govern.audit import AuditLog
 from loraforge.home import model_cache_dir
 from loraforge.models.precision import resolve_precision
 from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
-from loraforge.serve.adapters import AdapterCache, AdapterStore
+from loraforge.serve.adapter_cache import AdapterCache
+from loraforge.serve.adapters import AdapterStore
 from loraforge.serve.app import create_app
 from loraforge.serve.config import ServeConfig
 from loraforge.serve.engine import LocalEngine
+from loraforge.serve.forward import LlamaRunner
 from loraforge.serve.keys import KeyStore
 from loraforge.serve.limits import Limits, RateLimiter
-from loraforge.serve.metrics import Metrics
 from loraforge.serve.prefix_cache import PrefixCache
-from loraforge.serve.runner import LlamaRunner
 from loraforge.serve.service import InferenceService
+from loraforge.serve.telemetry import Metrics
 from loraforge.serve.usage import UsageLedger
 
 T = TypeVar("T")

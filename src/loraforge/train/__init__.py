@@ -1,6 +1,6 @@
-"""Training: LoRA over PEFT in a readable loop built on accelerate."""
+"""Training: LoRA over PEFT in a readable recipe built on accelerate (:mod:`loraforge.train.recipe`)."""
 
 from loraforge.train.config import KNOWN_KEYS, TrainConfig, load_config
-from loraforge.train.loop import Reporter, TrainResult, train
+from loraforge.train.recipe import Reporter, TrainResult, train
 
 __all__ = ["KNOWN_KEYS", "Reporter", "TrainConfig", "TrainResult", "load_config", "train"]

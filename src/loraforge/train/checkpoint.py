@@ -17,7 +17,7 @@ import json
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,43 @@ class Checkpoint:
     path: Path
     step: int
     state: dict[str, Any]
+
+
+@dataclass
+class Progress:
+    """What a run has done so far, kept in each checkpoint's ``state.json``: a resumed run continues its
+    metrics, counts and warnings where the checkpoint left them."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)  # the lines of metrics.jsonl so far
+    tokens_done: int = 0
+    trained_done: int = 0  # tokens that have a target
+    train_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def restored(cls, checkpoint: Checkpoint | None) -> Progress:
+        """The progress saved in ``checkpoint`` (records up to its step), or a fresh one without it."""
+        if checkpoint is None:
+            return cls()
+        state = checkpoint.state
+        return cls(
+            records=[r for r in state.get("records", []) if r["step"] <= checkpoint.step],
+            tokens_done=int(state.get("tokens_done", 0)),
+            trained_done=int(state.get("trained_done", 0)),
+            train_seconds=float(state.get("train_seconds", 0.0)),
+            warnings=list(state.get("warnings", [])),
+        )
+
+    def state(self, fingerprint: str) -> dict[str, Any]:
+        """The ``state`` to pass to :func:`save_checkpoint`, with the run's ``fingerprint``."""
+        return {
+            "fingerprint": fingerprint,
+            "records": self.records,
+            "tokens_done": self.tokens_done,
+            "trained_done": self.trained_done,
+            "train_seconds": self.train_seconds,
+            "warnings": self.warnings,
+        }
 
 
 def checkpoints_dir(output: Path) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.configfile import read_config_file
+from loraforge.data.dedup import NEAR_DUPLICATE_THRESHOLD
 from loraforge.data.formats import FORMATS
 from loraforge.errors import ConfigError
 from loraforge.models.precision import PRECISIONS
@@ -50,7 +51,7 @@ class TrainConfig:
     under report too (see ``allow_secrets``)."""
     dedupe: str = "none"
     """Remove duplicates before training: none, exact, or near (MinHash, see near_duplicate_threshold)."""
-    near_duplicate_threshold: float = 0.8
+    near_duplicate_threshold: float = NEAR_DUPLICATE_THRESHOLD
     """Estimated Jaccard similarity from which two examples count as near duplicates."""
     canaries: int = 0
     """Plant N random canary secrets in the training data, to measure memorization."""
@@ -64,9 +65,11 @@ class TrainConfig:
     learning_rate: float = 1e-3
     """Peak learning rate (after warmup; then cosine decay to ``min_lr_ratio`` of it)."""
     min_lr_ratio: float = 0.1
+    """Floor of the cosine decay, as a share of the peak learning rate."""
     warmup_ratio: float = 0.1
     """Fraction of the steps spent warming up linearly from 0."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 disables it."""
     batch_rows: int = 1
@@ -81,8 +84,11 @@ class TrainConfig:
     """truncate or drop examples longer than ``context_length``."""
 
     lora_r: int = 16
+    """LoRA rank."""
     lora_alpha: float = 32.0
+    """LoRA alpha (scale = alpha / r)."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or ``all-linear`` (every linear projection except the output head)."""
     use_rslora: bool = False
@@ -97,7 +103,9 @@ class TrainConfig:
     checkpoint_every: int = 25
     """Checkpoint every N steps; 0 disables checkpoints (and --resume)."""
     keep_checkpoints: int = 2
+    """Checkpoints kept in output (the newest ones)."""
     seed: int = 42
+    """Random seed."""
     precision: str = "auto"
     """auto (bf16 where the hardware has fast bf16, else fp32), bf16 or fp32."""
     price_per_hour: float = 0.10

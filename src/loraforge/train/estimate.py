@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraforge.data.templates import TokenizedExample
+
 
 def peak_rss_bytes() -> int:
     """High-water mark of this process's resident memory."""
@@ -68,6 +70,40 @@ class Figures:
             gflops_per_second=round(self.gflops_per_second, 2),
         )
         return d
+
+
+def estimate_run(
+    examples: list[TokenizedExample],
+    *,
+    steps: int,
+    steps_per_epoch: int,
+    n_linear: int,
+    n_head: int,
+    seconds_per_token: float,
+    eval_tokens: float,
+    extra_bytes: int,
+    price_per_hour: float,
+) -> Figures:
+    """The pre-flight estimate of ``steps`` optimizer steps over ``examples`` (``steps_per_epoch`` a pass).
+
+    Args:
+        n_linear, n_head: :func:`linear_params` of the base model.
+        seconds_per_token: measured on one real micro-batch (:func:`time_probe`).
+        eval_tokens: evaluation work in training-token equivalents (a forward pass is a third of a step).
+        extra_bytes: memory the run will add to this process's peak so far (LoRA gradients, Adam moments).
+    """
+    epoch_tokens = sum(len(t.input_ids) for t in examples)
+    epoch_trained = sum(t.num_trained for t in examples)
+    tokens_total = int(epoch_tokens * steps / steps_per_epoch)
+    trained_total = int(epoch_trained * steps / steps_per_epoch)
+    return Figures(
+        tokens=tokens_total,
+        trained_tokens=trained_total,
+        flops=step_flops(n_linear, n_head, tokens_total, trained_total),
+        seconds=seconds_per_token * (tokens_total + eval_tokens),
+        peak_rss_bytes=peak_rss_bytes() + extra_bytes,
+        price_per_hour=price_per_hour,
+    )
 
 
 def time_probe(run_once: Any, repeats: int = 2) -> float:

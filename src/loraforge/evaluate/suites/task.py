@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loraforge.data.dedup import find_contamination
+from loraforge.data.dedup import NEAR_DUPLICATE_THRESHOLD, find_contamination
 from loraforge.data.formats import Example, load_dataset
 from loraforge.data.templates import IGNORE_INDEX, render, tokenize_example
 from loraforge.errors import EvalError
@@ -63,7 +63,7 @@ def validation_examples(manifest: AdapterManifest, data: Path | None) -> TaskDat
     held = set(order[: max(1, round(len(order) * ratio))])
     train = [ex for i, ex in enumerate(examples) if i not in held]
     val = [examples[i] for i in sorted(held)]
-    threshold = float(config.get("near_duplicate_threshold", 0.8))
+    threshold = float(config.get("near_duplicate_threshold", NEAR_DUPLICATE_THRESHOLD))
     dirty = {h.eval_index for h in find_contamination(train, val, threshold)}
     val = [ex for i, ex in enumerate(val) if i not in dirty]
     if not val:

@@ -1,30 +1,20 @@
-"""``loraforge serve``, ``loraforge keys …`` and ``loraforge adapters …``."""
+"""``loraforge serve``, ``loraforge keys …`` and ``loraforge adapters …``: the server and what it serves."""
 
 from __future__ import annotations
 
-import datetime as dt
 import getpass
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from loraforge.cli.options import SERVE_FLAGS, ConfigFlags, Home, config_flags
+from loraforge.cli.output import console, show_adapters, show_keys
 from loraforge.errors import ConfigError
+from loraforge.home import resolve_home
 
-console = Console()
-Home = Annotated[
-    Path | None, typer.Option("--home", help="State directory (default: $LORAFORGE_HOME or ~/.loraforge).")
-]
 keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 adapters_app = typer.Typer(help="The adapters a server can serve: add, list, remove.", no_args_is_help=True)
-
-
-def _home(home: Path | None) -> Path:
-    from loraforge.home import resolve_home
-
-    return resolve_home(home)
 
 
 def _actor() -> str:
@@ -34,22 +24,22 @@ def _actor() -> str:
         return "cli"
 
 
-def _when(ts: float | None) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
-
-
+@config_flags(SERVE_FLAGS)
 def serve(
     config: Annotated[Path | None, typer.Option(help="Server YAML config (see docs/serving.md).")] = None,
-    host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    *,
+    flags: ConfigFlags,
     home: Home = None,
 ) -> None:
-    """Serve the base model and the registered adapters behind an OpenAI-compatible API."""
+    """Serve the base model and the registered adapters behind an OpenAI-compatible API.
+
+    Every option below can also be set in the --config file; a flag given here wins over the file.
+    """
     from loraforge.serve.config import load_serve_config
     from loraforge.serve.server import run_server
 
-    cfg = load_serve_config(config, {"host": host, "port": port})
-    run_server(cfg, _home(home))
+    cfg = load_serve_config(config, flags)
+    run_server(cfg, resolve_home(home))
 
 
 @keys_app.command("create")
@@ -65,7 +55,7 @@ def keys_create(
     from loraforge.govern.audit import AuditLog
     from loraforge.serve.keys import KeyStore
 
-    h = _home(home)
+    h = resolve_home(home)
     with AuditLog(h).action(_actor(), "key.create", f"tenant:{tenant}", role=role, all_tenants=all_tenants) as act:
         key, record = KeyStore(h).create(tenant, role, all_tenants=all_tenants)
         act.outcome["key_id"] = record.id  # the id only: the key itself never enters the log
@@ -82,10 +72,7 @@ def keys_list(home: Home = None) -> None:
     """List keys (ids, tenants, roles; never the keys)."""
     from loraforge.serve.keys import KeyStore
 
-    table = Table("id", "tenant", "role", "created", "revoked")
-    for r in KeyStore(_home(home)).records():
-        table.add_row(r.id, r.tenant, r.role, _when(r.created_at), _when(r.revoked_at))
-    console.print(table)
+    show_keys(console, KeyStore(resolve_home(home)).records())
 
 
 @keys_app.command("revoke")
@@ -96,7 +83,7 @@ def keys_revoke(
     from loraforge.govern.audit import AuditLog
     from loraforge.serve.keys import KeyStore
 
-    h = _home(home)
+    h = resolve_home(home)
     with AuditLog(h).action(_actor(), "key.revoke", key_id) as act:
         record = KeyStore(h).revoke(key_id)
         act.outcome["tenant"] = record.tenant
@@ -132,7 +119,7 @@ def adapters_add(
 
     if public == (tenant is not None):
         raise ConfigError("give exactly one of --tenant NAME or --public")
-    h = _home(home)
+    h = resolve_home(home)
     store = AdapterStore(h, max_rank=max_lora_rank, max_bytes=max_size_mb * 2**20)
     intent = {"tenant": tenant, "public": public, "directory": str(directory), "override": override_governance}
     with AuditLog(h).action(_actor(), "adapter.add", name, **intent) as act:
@@ -158,18 +145,7 @@ def adapters_list(home: Home = None) -> None:
     """List registered adapters and their owners."""
     from loraforge.serve.adapters import AdapterStore
 
-    table = Table("name", "owner", "base model", "weights sha256", "added", "governance")
-    for r in AdapterStore(_home(home)).registrations():
-        notes = [*r.governance_flags, *([f"override: {r.governance_override}"] if r.governance_override else [])]
-        table.add_row(
-            r.name,
-            "public" if r.public else r.tenant or "",
-            r.base_model,
-            r.weights_sha256[:12],
-            _when(r.added_at),
-            ", ".join(notes) or "passed" if r.public else ", ".join(notes) or "-",
-        )
-    console.print(table)
+    show_adapters(console, AdapterStore(resolve_home(home)).registrations())
 
 
 @adapters_app.command("remove")
@@ -178,7 +154,7 @@ def adapters_remove(name: Annotated[str, typer.Argument(help="Adapter name.")], 
     from loraforge.govern.audit import AuditLog
     from loraforge.serve.adapters import AdapterStore
 
-    h = _home(home)
+    h = resolve_home(home)
     with AuditLog(h).action(_actor(), "adapter.remove", name):
         if not AdapterStore(h).remove(name):
             raise ConfigError(f"no adapter named {name!r}; `loraforge adapters list` shows them")

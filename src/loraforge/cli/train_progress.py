@@ -1,18 +1,23 @@
-"""How the CLI shows things: data-check results and training progress, with rich."""
+"""How a training run is shown as it goes: the pre-flight estimate, a live progress bar (loss,
+tokens/s, ETA), the evaluations, and the actual figures next to the estimated ones.
+
+Apart from :mod:`loraforge.cli.output` because it subclasses the training loop's ``Reporter``, which
+imports the training code (and PyTorch) that other commands never load.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from loraforge.data.licensing import LicenseReport, self_attested
-from loraforge.data.validate import DataReport
-from loraforge.train.estimate import Figures
-from loraforge.train.loop import Reporter, TrainResult
+from loraforge.train import Reporter, TrainResult
+
+if TYPE_CHECKING:
+    from loraforge.train.estimate import Figures
 
 
 def _gb(n: int) -> str:
@@ -23,84 +28,6 @@ def _duration(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def show_data_report(console: Console, report: DataReport) -> None:
-    for p in report.problems:
-        style = "red" if p.severity == "error" else "yellow"
-        console.print(f"[{style}]{p.severity}[/]: {escape(str(p))}", highlight=False, soft_wrap=True)
-    s = report.summary()
-    table = Table(title=escape(f"{report.path} ({s['format']})"), show_header=False, title_justify="left")
-    table.add_row("examples", f"{s['examples']} parsed, {s['usable_examples']} usable")
-    table.add_row("messages", ", ".join(f"{k}: {v}" for k, v in sorted(s["messages"].items())))
-    if s["untrained_assistant_messages"]:
-        table.add_row("assistant messages with weight 0", str(s["untrained_assistant_messages"]))
-    if report.tokenized:
-        table.add_row("tokens", f"{s['tokens']:,} ({s['trained_tokens']:,} trained)")
-        table.add_row("tokens per example", f"min {s['min_tokens']}, mean {s['mean_tokens']}, max {s['max_tokens']}")
-        table.add_row("over the context", f"{s['truncated']} truncated, {s['dropped']} dropped")
-        table.add_row("suggested epochs", str(s["suggested_epochs"]))
-    table.add_row("problems", f"{s['errors']} error(s), {s['warnings']} warning(s)")
-    console.print(table)
-    hist = s["histogram"]
-    if hist:
-        peak = max(c for _, _, c in hist) or 1
-        console.print("token length histogram:")
-        for lo, hi, count in hist:
-            console.print(f"  {lo:>6}-{hi:<6} {'█' * max(1 if count else 0, round(30 * count / peak))} {count}")
-    verdict = "[green]OK: ready to train[/]" if report.ok else "[red]refused: fix the errors above[/]"
-    console.print(verdict)
-
-
-def show_licensing(console: Console, report: LicenseReport) -> None:
-    if report.manifest is None:
-        return
-    names = ", ".join(m.path.name for m in report.manifests)
-    title = escape(f"licences ({names}, policy {report.policy.name})")
-    table = Table(title=title, title_justify="left")
-    for col in ("source", "licence", "owner", "personal data", "examples", "decision"):
-        table.add_column(col)
-    decisions = {d.source: d for d in report.decisions}
-    for s in report.sources:
-        d = decisions[s.label]
-        colour = {"allow": "green", "review": "yellow", "deny": "red"}[d.verdict]
-        verdict = f"[{colour}]{d.verdict}[/] ({escape(d.rule)})"
-        if d.cleared_by:
-            verdict += f", cleared by {escape(d.cleared_by)}"
-            if s.approved_by and self_attested(s.approved_by, s.owner):
-                verdict += " [yellow](self-attested: the data's own owner or no named approver)[/]"
-        table.add_row(
-            escape(s.label),
-            s.license,
-            escape(s.owner),
-            "yes" if s.personal_data else "no",
-            str(report.examples_per_source.get(s.label, 0)),
-            verdict,
-        )
-    console.print(table)
-
-
-def show_governance(console: Console, governance: dict[str, Any]) -> None:
-    pii = governance["pii"]
-    counts = {**pii["pii"], **pii["secrets"]}
-    table = Table(title="personal data and secrets", title_justify="left")
-    table.add_column("type")
-    table.add_column("findings", justify="right")
-    table.add_column("examples (masked)")
-    for kind, count in sorted(counts.items()):
-        table.add_row(kind, str(count), escape("; ".join(pii["samples"].get(kind, [])[:2])))
-    if counts:
-        console.print(table)
-    else:
-        console.print("personal data and secrets: none found")
-    line = (
-        f"duplicates: {governance['exact_duplicate_groups']} exact group(s), "
-        f"{governance['near_duplicate_pairs']} near-duplicate pair(s) at similarity ≥ {governance['threshold']}"
-    )
-    if "contamination" in governance:
-        c = governance["contamination"]
-        line += f"; contamination: {c['overlapping']} of {c['of']} examples of {escape(c['against'])} overlap"
-    console.print(line)
 
 
 class RichReporter(Reporter):

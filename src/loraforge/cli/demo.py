@@ -1,4 +1,4 @@
-"""``make demo``: the main job end to end on the embedded default model.
+"""``make demo`` (``python -m loraforge.cli.demo``): the main job end to end on the embedded default model.
 
 Checks the bundled sample dataset, trains a LoRA adapter on SmolLM2-135M-Instruct, compares base
 and tuned answers on held-out questions, evaluates the adapter against the base model (every
@@ -22,17 +22,17 @@ from rich.table import Table
 
 from loraforge.errors import LoraforgeError
 
-SAMPLES = Path(__file__).parent / "samples"
+SAMPLES = Path(__file__).parents[1] / "samples"
 
 
 def run(console: Console) -> int:
-    from loraforge._cli_output import RichReporter, show_data_report, show_governance, show_licensing
-    from loraforge._demo_serve import ADAPTER_NAME
+    from loraforge.cli.demo_serve import ADAPTER_NAME
+    from loraforge.cli.output import VERDICT_COLOUR, show_data_report, show_governance, show_licensing
+    from loraforge.cli.train_progress import RichReporter
     from loraforge.data.datasheet import build_datasheet, write_datasheet
     from loraforge.data.formats import load_dataset
-    from loraforge.data.fullcheck import governance_checks
+    from loraforge.data.prepare import check_data
     from loraforge.data.scan import scan_examples
-    from loraforge.data.validate import check_dataset
     from loraforge.home import model_cache_dir, resolve_home
     from loraforge.models.generate import load_chat_model
     from loraforge.models.manifest import read_manifest
@@ -51,8 +51,8 @@ def run(console: Console) -> int:
     console.print(f"$ loraforge data check {data} --against {holdout}")
     base = resolve_base_model(DEFAULT_BASE_MODEL, cache)
     tokenizer = load_tokenizer(base)
-    report = check_dataset(data, tokenizer)
-    licensing, governance = governance_checks(report, against=holdout)
+    checked = check_data(data, tokenizer, against=holdout)
+    report, licensing, governance = checked.report, checked.licensing, checked.governance
     if licensing is not None:
         show_licensing(console, licensing)
     show_governance(console, governance)
@@ -88,8 +88,8 @@ def run(console: Console) -> int:
         console.print(table)
 
     console.print(Rule("4. evaluate base vs adapter and apply the release gate"))
+    from loraforge.cli.output import show_evaluation
     from loraforge.evaluate import DEFAULT_SIZES, EvalConfig, evaluate
-    from loraforge.evaluate.display import show_evaluation
 
     cap = int(os.environ.get("DEMO_EVAL_ITEMS", "20"))
     console.print(f"$ loraforge eval --adapter {output} --max-items {cap}")
@@ -101,7 +101,7 @@ def run(console: Console) -> int:
     show_evaluation(console, evaluation)
 
     console.print(Rule("5. serve it behind the OpenAI-compatible API and ask with the openai SDK"))
-    from loraforge._demo_serve import serve_demo
+    from loraforge.cli.demo_serve import serve_demo
 
     first = picks[0]
     server_log = serve_demo(
@@ -122,7 +122,7 @@ def run(console: Console) -> int:
     console.print(f"loss curve:      {output / 'loss.png'}")
     console.print(f"datasheet:       {datasheet}")
     verdict = evaluation.verdict
-    colour = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}[verdict.word]
+    colour = VERDICT_COLOUR[verdict.word]
     console.print(
         f"release gate:    [bold {colour}]{verdict.word}[/] ({len(verdict.failures)} rule(s) broken, "
         f"{len(verdict.inconclusive)} inconclusive)"

@@ -1,0 +1,48 @@
+"""The ``loraforge`` command: a table of plain typed functions; each docstring is its ``--help``.
+
+This package registers the commands; each group lives in its own module (``data``, ``train``,
+``generate``, ``evaluate`` for ``eval``, ``serve`` for serve, keys and adapters, ``audit``), the
+rendering in ``output`` and the options shared or generated from config dataclasses in ``options``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.markup import escape
+
+from loraforge.cli import audit, data, evaluate, generate, serve, train
+from loraforge.cli.output import err_console
+from loraforge.errors import LoraforgeError
+
+app = typer.Typer(
+    name="loraforge",
+    help="Governed, evaluated LoRA fine-tuning on open models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data.data_app, name="data")
+app.command("serve")(serve.serve)
+app.add_typer(serve.keys_app, name="keys")
+app.add_typer(serve.adapters_app, name="adapters")
+app.add_typer(audit.audit_app, name="audit")
+app.command("train")(train.train)
+app.command("generate")(generate.generate)
+app.command("eval")(evaluate.eval_adapter)
+
+
+def main() -> None:
+    """Entry point: run the app; a LoraforgeError becomes one clear line and exit status 1."""
+    from loraforge.runtime import configure_process
+
+    configure_process()
+    try:
+        app()
+    except LoraforgeError as e:
+        err_console.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)

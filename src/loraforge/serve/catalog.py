@@ -1,0 +1,108 @@
+"""Which models a caller may use: the base model and the adapters its tenant may see, in memory.
+
+Another tenant's adapter answers as a missing one (no existence leak); an adapter is loaded (and
+verified) on its first use, within the key's adapter loads per minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from loraforge.errors import ModelError
+from loraforge.serve.adapter_cache import AdapterCache, LoadedAdapter
+from loraforge.serve.adapters import AdapterStore, Registration
+from loraforge.serve.api_errors import APIError, engine_unavailable, not_found, public_message
+from loraforge.serve.generation import Engine, EngineUnavailable
+from loraforge.serve.keys import KeyRecord
+from loraforge.serve.limits import LimitExceeded, RateLimiter
+from loraforge.serve.protocol import ModelCard
+
+log = logging.getLogger("loraforge.serve")
+
+
+class ModelCatalog:
+    """The models of one server: ``engine``'s base model and the adapters of ``store``.
+
+    Args:
+        cache: where adapters are loaded into memory (``None``: the base model alone is served).
+        created: the server's start (Unix seconds), the base model's ``created``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        store: AdapterStore,
+        cache: AdapterCache | None,
+        limiter: RateLimiter,
+        created: int,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.cache = cache
+        self.limiter = limiter
+        self.created = created
+
+    def models(self, key: KeyRecord) -> list[ModelCard]:
+        base = self.engine.model_id
+        cards = [ModelCard(id=base, created=self.created, owned_by="loraforge", root=base)]
+        admin = key.role == "admin"
+        for reg in self.store.registrations():
+            if reg.visible_to(key.tenant):
+                cards.append(
+                    ModelCard(
+                        id=reg.name,
+                        created=int(reg.added_at),
+                        owned_by="public" if reg.public else reg.tenant or "",
+                        parent=base,
+                        root=base,
+                        governance_flags=list(reg.governance_flags) if admin else None,
+                        governance_override=reg.governance_override if admin else None,
+                    )
+                )
+        return cards
+
+    def model(self, key: KeyRecord, name: str) -> ModelCard:
+        for card in self.models(key):
+            if card.id == name:
+                return card
+        raise not_found(name)
+
+    def registration(self, key: KeyRecord, model: str) -> Registration | None:
+        """The adapter registration the caller may use under the name ``model`` (None = the base model)."""
+        if model == self.engine.model_id:
+            return None
+        reg = self.store.get(model)
+        if reg is None or not reg.visible_to(key.tenant):
+            raise not_found(model)
+        return reg
+
+    async def resolve(self, key: KeyRecord, model: str) -> LoadedAdapter | None:
+        """The adapter the caller may use under the name ``model`` (None = the base model), in memory."""
+        reg = self.registration(key, model)
+        return None if reg is None else await self.load(reg, key)
+
+    async def load(self, reg: Registration, key: KeyRecord | None = None) -> LoadedAdapter:
+        """The registered adapter in memory, loaded (and verified) on first use.
+
+        A load from disk counts against ``key``'s adapter loads per minute; the place it takes in
+        memory is charged to ``key``'s tenant.
+        """
+        if self.cache is None:
+            raise not_found(reg.name)
+        if key is not None and not self.cache.is_loaded(reg):
+            try:
+                self.limiter.load_adapter(key.id)
+            except LimitExceeded as e:
+                raise APIError(429, str(e), code="adapter_load_limit", retry_after=e.retry_after) from e
+        tenant = key.tenant if key is not None else None
+        try:
+            return await asyncio.to_thread(self.cache.get, reg, tenant)
+        except EngineUnavailable as e:
+            raise engine_unavailable() from e
+        except ModelError as e:
+            log.warning("adapter %s cannot be served: %s", reg.name, e)
+            raise APIError(
+                400, f"The model '{reg.name}' cannot be served: {public_message(e)}", code="model_incompatible"
+            ) from e
