@@ -112,3 +112,67 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_kill_9_of_the_worker_mid_job_then_a_new_worker_resumes_it_to_the_same_adapter(
+    registry: Registry, files: FileService, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`loraforge worker` killed with SIGKILL after a checkpoint; another worker takes the job back when its
+    heartbeat times out and resumes it: the adapter equals an uninterrupted run's."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    jobs = _services(registry, files, tiny_model_dir)
+    training = upload(files, "acme", sample_lines(40), declaration=DECLARED)["id"]
+    body = {
+        "model": str(tiny_model_dir),
+        "training_file": training,
+        "seed": 7,
+        "loraforge": {"max_steps": 30, "lora_r": 4},
+    }
+    interrupted = jobs.create("acme", parse_job_request(body))["id"]
+    home = tmp_path / "home"
+    url = str(registry.engine.url)
+    killed = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraforge",
+            "worker",
+            "--home",
+            str(home),
+            "--database-url",
+            url,
+            "--exit-when-idle",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 180
+    while not jobs.checkpoints("acme", interrupted)["data"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert jobs.checkpoints("acme", interrupted)["data"], "no checkpoint before the deadline"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(10)
+    assert jobs.retrieve("acme", interrupted)["status"] == "running"  # nobody said otherwise: the heartbeat will
+
+    settings = WorkerSettings(heartbeat_s=0.2, poll_s=0.1, stop_grace_s=5.0, checkpoint_every=2, stale_after_s=1.0)
+    time.sleep(1.5)
+    Worker(registry, home, LocalExecutor(home, threads=1), settings=settings).run(exit_when_idle=True)
+    resumed = jobs.retrieve("acme", interrupted)
+    assert resumed["status"] == "succeeded", resumed["error"]
+    assert resumed["loraforge"]["attempts"] == 2
+    messages = [e["message"] for e in jobs.events("acme", interrupted, limit=100)["data"]]
+    assert "Resuming from the last checkpoint" in messages
+
+    straight = jobs.create("acme", parse_job_request(body))["id"]
+    Worker(registry, home, LocalExecutor(home, threads=1), settings=settings).run(exit_when_idle=True)
+    assert jobs.retrieve("acme", straight)["status"] == "succeeded"
+    a = load_file(str(home / "jobs" / interrupted / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(home / "jobs" / straight / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

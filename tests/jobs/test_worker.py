@@ -46,8 +46,21 @@ def test_a_job_runs_to_a_served_model_with_events_checkpoints_and_results(
     assert {"step", "train_loss", "valid_loss", "full_valid_loss", "train_mean_token_accuracy"} <= set(
         metrics[0]["data"]
     )
+    everything = [e["id"] for e in jobs.events("acme", ident, limit=100)["data"]]
+    paged, after = [], None
+    while True:  # pages of 5, each after the last of the one before: the same events, in the same order
+        chunk = jobs.events("acme", ident, limit=5, after=after)
+        paged += [e["id"] for e in chunk["data"]]
+        if not chunk["has_more"]:
+            break
+        after = chunk["last_id"]
+    assert paged == everything and len(everything) > 10
     checkpoints = jobs.checkpoints("acme", ident)["data"]
     assert [c["step_number"] for c in checkpoints] == [4, 2]
+    later = jobs.checkpoints("acme", ident, limit=1)
+    assert later["has_more"] and [
+        c["step_number"] for c in jobs.checkpoints("acme", ident, after=later["last_id"])["data"]
+    ] == [2]
     assert checkpoints[0]["metrics"]["train_loss"] == 0.5 and checkpoints[0]["metrics"]["valid_loss"] == 0.625
     assert checkpoints[0]["fine_tuned_model_checkpoint"] == f"{job['fine_tuned_model']}:ckpt-step-4"
     with registry.session() as s:

@@ -1,7 +1,8 @@
 """The ``loraforge`` command: a table of plain typed functions; each docstring is its ``--help``.
 
 This package registers the commands; each group lives in its own module (``data``, ``train``,
-``generate``, ``evaluate`` for ``eval``, ``serve`` for serve, keys and adapters, ``audit``), the
+``generate``, ``evaluate`` for ``eval``, ``serve`` for serve, keys and adapters, ``audit``, ``jobs`` for
+the worker and the registry), the
 rendering in ``output`` and the options shared or generated from config dataclasses in ``options``.
 """
 
@@ -12,7 +13,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from loraforge.cli import audit, data, evaluate, generate, serve, train
+from loraforge.cli import audit, data, evaluate, generate, jobs, serve, train
 from loraforge.cli.output import err_console
 from loraforge.errors import LoraforgeError
 
@@ -31,6 +32,8 @@ app.add_typer(audit.audit_app, name="audit")
 app.command("train")(train.train)
 app.command("generate")(generate.generate)
 app.command("eval")(evaluate.eval_adapter)
+app.command("worker")(jobs.worker)
+app.add_typer(jobs.registry_app, name="registry")
 
 
 def main() -> None:

@@ -29,17 +29,35 @@ def serve(
     config: Annotated[Path | None, typer.Option(help="Server YAML config (see docs/serving.md).")] = None,
     *,
     flags: ConfigFlags,
+    worker: Annotated[
+        bool, typer.Option("--worker", help="Also run a fine-tuning worker beside the server (one machine).")
+    ] = False,
     home: Home = None,
 ) -> None:
     """Serve the base model and the registered adapters behind an OpenAI-compatible API.
 
     Every option below can also be set in the --config file; a flag given here wins over the file.
     """
+    import subprocess
+    import sys
+
     from loraforge.serve.config import load_serve_config
     from loraforge.serve.server import run_server
 
     cfg = load_serve_config(config, flags)
-    run_server(cfg, resolve_home(home))
+    root = resolve_home(home)
+    child = None
+    if worker:  # a process of its own: training never competes with the server's engine thread for the GIL
+        command = [sys.executable, "-m", "loraforge", "worker", "--home", str(root)]
+        if cfg.database_url:
+            command += ["--database-url", cfg.database_url]
+        child = subprocess.Popen(command)
+    try:
+        run_server(cfg, root)
+    finally:
+        if child is not None:
+            child.terminate()  # a running job is taken back from its checkpoint by the next worker
+            child.wait(timeout=30)
 
 
 @keys_app.command("create")

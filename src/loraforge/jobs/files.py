@@ -208,8 +208,8 @@ class FileService:
             problems.insert(
                 0,
                 f"{name}: no licence declared: send the form fields license (an SPDX id or LicenseRef-…), owner and "
-                'personal_data (true/false) with the upload (the openai SDK: extra_body={"license": …}), or ask an '
-                "admin to set this tenant's default declaration",
+                'personal_data (true/false) with the upload (the openai SDK: extra_body={"license": …, "owner": …, '
+                '"personal_data": "false"})',
             )
         check = {
             "summary": report.summary(),

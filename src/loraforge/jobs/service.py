@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -148,14 +149,23 @@ def checkpoint_object(row: Checkpoint) -> dict[str, Any]:
 class JobService:
     """What the API does with jobs; the worker runs them."""
 
-    def __init__(self, registry: Registry, files: FileService, *, base_models: dict[str, str]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        files: FileService,
+        *,
+        base_models: dict[str, str],
+        base_sources: dict[str, str] | None = None,
+    ) -> None:
         """
         Args:
             base_models: the base models jobs may start from, by the name clients use → its sha256.
+            base_sources: where training finds each (a packaged name or a directory), when not its name.
         """
         self.registry = registry
         self.files = files
         self.base_models = base_models
+        self.base_sources = base_sources or {}
 
     def create(self, tenant: str, request: JobCreate) -> dict[str, Any]:
         """Check the request's model and files, then queue the job.
@@ -199,6 +209,7 @@ class JobService:
                 status="validating_files",
                 method=method,
                 extensions=request.loraforge.model_dump(),
+                config={"base_model": self.base_sources.get(request.model, request.model)},
                 suffix=request.suffix,
                 seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
                 user_metadata=request.metadata,
@@ -284,31 +295,35 @@ class JobService:
 
     def events(self, tenant: str, ident: str, *, after: str | None = None, limit: int = 20) -> dict[str, Any]:
         """A page of the job's events, newest first (OpenAI's order)."""
-        _check_limit(limit)
-        with self.registry.session() as s:
-            self._get(s, tenant, ident)
-            q = select(JobEvent).where(JobEvent.job_id == ident)
-            if after:
-                anchor = s.get(JobEvent, after)
-                if anchor is None or anchor.job_id != ident:
-                    raise NotFoundError("event", after)
-                q = q.where(JobEvent.seq < anchor.seq)
-            rows = list(s.scalars(q.order_by(JobEvent.seq.desc()).limit(limit + 1)))
-        return page([event_object(r) for r in rows[:limit]], len(rows) > limit)
+        return self._page(tenant, ident, JobEvent, JobEvent.seq, event_object, "event", after, limit)
 
     def checkpoints(self, tenant: str, ident: str, *, after: str | None = None, limit: int = 10) -> dict[str, Any]:
         """A page of the job's checkpoints, latest step first."""
+        return self._page(tenant, ident, Checkpoint, Checkpoint.step, checkpoint_object, "checkpoint", after, limit)
+
+    def _page(
+        self,
+        tenant: str,
+        ident: str,
+        model: type[JobEvent] | type[Checkpoint],
+        order: Any,
+        to_object: Callable[[Any], dict[str, Any]],
+        kind: str,
+        after: str | None,
+        limit: int,
+    ) -> dict[str, Any]:
+        """A page of a job's rows of ``model``, highest ``order`` first, after the row ``after``."""
         _check_limit(limit)
         with self.registry.session() as s:
             self._get(s, tenant, ident)
-            q = select(Checkpoint).where(Checkpoint.job_id == ident)
+            q = select(model).where(model.job_id == ident)
             if after:
-                anchor = s.get(Checkpoint, after)
+                anchor: Any = s.get(model, after)
                 if anchor is None or anchor.job_id != ident:
-                    raise NotFoundError("checkpoint", after)
-                q = q.where(Checkpoint.step < anchor.step)
-            rows = list(s.scalars(q.order_by(Checkpoint.step.desc()).limit(limit + 1)))
-        return page([checkpoint_object(r) for r in rows[:limit]], len(rows) > limit)
+                    raise NotFoundError(kind, after)
+                q = q.where(order < getattr(anchor, order.key))
+            rows = list(s.scalars(q.order_by(order.desc()).limit(limit + 1)))
+        return page([to_object(r) for r in rows[:limit]], len(rows) > limit)
 
 
 def _check_limit(limit: int) -> None:

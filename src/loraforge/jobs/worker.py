@@ -65,7 +65,7 @@ def train_config(job: Job, files: dict[str, str], output: Path, settings: Worker
     config: dict[str, Any] = {
         "data": files[job.training_file],
         "output": str(output),
-        "base_model": job.model,
+        "base_model": (job.config or {}).get("base_model", job.model),
         "seed": job.seed,
         "lora_r": ext.get("lora_r", 16),
         "lora_alpha": ext.get("lora_alpha", 32.0),

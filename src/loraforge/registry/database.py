@@ -12,6 +12,7 @@ behind the code is refused with the command that upgrades it, rather than used h
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -147,9 +148,14 @@ def open_registry(home: Path, url: str | None = None, *, upgrade_schema: bool = 
             ``upgrade_schema`` is False (the message says which command upgrades it).
     """
     chosen = database_url(home, url)
-    if chosen.startswith("sqlite:///") and not url and not os.environ.get(URL_ENV):
-        private_directory(home)
     engine = make_engine(chosen)
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        # SQLite gives its -wal and -shm files the database file's mode: create that one private
+        path = Path(engine.url.database)
+        if not url and not os.environ.get(URL_ENV):
+            private_directory(home)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     shown = engine.url.render_as_string(hide_password=True)
     try:
         current, head = current_revision(engine), head_revision(engine)

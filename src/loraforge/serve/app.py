@@ -26,17 +26,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge.govern.audit import AuditLog
+from loraforge.jobs.files import FileService
+from loraforge.jobs.service import JobService
 from loraforge.serve.adapter_cache import AdapterCache
 from loraforge.serve.adapters import AdapterStore, Registration
 from loraforge.serve.api_errors import APIError, not_found, sse
 from loraforge.serve.config import ServeConfig
+from loraforge.serve.jobs_routes import add_jobs_routes
 from loraforge.serve.keys import KeyRecord, KeyStore
 from loraforge.serve.protocol import ChatCompletionRequest, CompletionRequest, LoadRequest
 from loraforge.serve.service import InferenceService
 from loraforge.serve.telemetry import Metrics
 
 log = logging.getLogger("loraforge.serve")
-LIMITED = ("/v1/chat/completions", "/v1/completions")  # the routes a key's request limits apply to
+LIMITED = ("/v1/chat/completions", "/v1/completions")
+UPLOADS = (
+    "/v1/files"  # streamed, with its own size limit (max_upload_bytes)  # the routes a key's request limits apply to
+)
 ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
@@ -48,6 +54,8 @@ ROUTES = (
     "/v1/admin/adapters",
     "/v1/admin/adapters/load",
     "/v1/admin/adapters/unload",
+    "/v1/files",
+    "/v1/fine_tuning/jobs",
 )
 
 
@@ -65,16 +73,38 @@ class Envelope:
         max_body_bytes: int,
         metrics: Metrics,
         refuse: Callable[[str], APIError | None] = lambda _: None,
+        max_upload_bytes: int = 0,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics
         self.refuse = refuse  # the Authorization header → an error to answer before the body is read
 
-    async def _too_large(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _too_large(self, scope: dict[str, Any], receive: Any, send: Any, limit: int | None = None) -> None:
         self.metrics.errors.labels("body_too_large").inc()
-        error = APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
+        limit = limit or self.max_body_bytes
+        error = APIError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
         await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+    def _counted(self, receive: Any) -> Any:
+        """``receive`` for an upload: past ``max_upload_bytes`` (a chunked body declares no length) it fails."""
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_upload_bytes:
+                raise APIError(
+                    413,
+                    f"the upload is larger than this server's limit of {self.max_upload_bytes} bytes",
+                    code="file_too_large",
+                    param="file",
+                )
+            return message
+
+        return counted
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -102,6 +132,13 @@ class Envelope:
                 await response(scope, receive, send_with_id)
                 return
             length = headers.get(b"content-length")
+            if path == UPLOADS and scope.get("method") == "POST":
+                # an upload is streamed to disk, never held here: its bytes are counted on the way
+                if length is not None and (not length.isdigit() or int(length) > self.max_upload_bytes):
+                    await self._too_large(scope, receive, send_with_id, self.max_upload_bytes)
+                    return
+                await self.app(scope, self._counted(receive), send_with_id)
+                return
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 await self._too_large(scope, receive, send_with_id)
                 return
@@ -143,6 +180,8 @@ def create_app(
     cache: AdapterCache | None,
     audit: AuditLog,
     metrics: Metrics,
+    files: FileService | None = None,
+    jobs: JobService | None = None,
 ) -> FastAPI:
     """Build the application; every dependency is handed in (no module-level state)."""
     app = FastAPI(title="loraforge", docs_url=None, redoc_url=None, openapi_url=None)
@@ -191,7 +230,13 @@ def create_app(
             return None
         return APIError(429, str(limited), code="rate_limit_exceeded", retry_after=limited.retry_after)
 
-    app.add_middleware(Envelope, max_body_bytes=config.max_body_bytes, metrics=metrics, refuse=refuse)
+    app.add_middleware(
+        Envelope,
+        max_body_bytes=config.max_body_bytes,
+        max_upload_bytes=config.max_upload_bytes,
+        metrics=metrics,
+        refuse=refuse,
+    )
 
     # -- auth ----------------------------------------------------------------------------------
 
@@ -204,6 +249,9 @@ def create_app(
         if record is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return record
+
+    if files is not None and jobs is not None:
+        add_jobs_routes(app, caller, files, jobs)
 
     def admin(request: Request) -> KeyRecord:
         if not config.admin_endpoints:

@@ -38,6 +38,11 @@ class ServeConfig:
     """Requests one API key may have running at once."""
     max_body_bytes: int = 1_000_000
     """Largest request body in bytes; a larger one is answered 413."""
+    max_upload_bytes: int = 67_108_864  # 64 MiB
+    """Largest file uploaded to /v1/files, in bytes; streamed to disk, a larger one is answered 413."""
+    database_url: str | None = None
+    """The registry database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $LORAFORGE_DATABASE_URL,
+    else HOME/registry.db)."""
     request_timeout_s: float = 300.0
     """A request not finished after this many seconds is answered 408 (timeout)."""
     max_context_tokens: int | None = 4096

@@ -20,8 +20,11 @@ from loraforge.errors import ConfigError
 from loraforge.files import private_directory
 from loraforge.govern.audit import AuditLog
 from loraforge.home import model_cache_dir
+from loraforge.jobs.files import FileService
+from loraforge.jobs.service import JobService
 from loraforge.models.precision import resolve_precision
 from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
+from loraforge.registry.database import open_registry
 from loraforge.serve.adapter_cache import AdapterCache
 from loraforge.serve.adapters import AdapterStore
 from loraforge.serve.app import create_app
@@ -156,10 +159,24 @@ def build_server(
         created=int(time.time()),
         max_echo_tokens=config.max_echo_tokens,
     )
+    registry = open_registry(home, config.database_url)
+    files = FileService(registry, home / "files", max_bytes=config.max_upload_bytes, tokenizer=tokenizer)
+    jobs = JobService(
+        registry, files, base_models={base.model_id: base.sha256}, base_sources={base.model_id: config.base_model}
+    )
     app = create_app(
-        config, service, keys=KeyStore(home), store=store, cache=cache, audit=AuditLog(home), metrics=metrics
+        config,
+        service,
+        keys=KeyStore(home),
+        store=store,
+        cache=cache,
+        audit=AuditLog(home),
+        metrics=metrics,
+        files=files,
+        jobs=jobs,
     )
     app.router.on_shutdown.append(engine.close)
+    app.router.on_shutdown.append(registry.close)
     return Server(app, engine, base)
 
 

@@ -1,0 +1,123 @@
+"""Files and fine-tuning jobs through the real ``openai`` SDK against a running server, and a worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from loraforge.jobs.executor import LocalExecutor
+from loraforge.jobs.worker import Worker, WorkerSettings
+from loraforge.registry.database import open_registry
+from tests.jobs.conftest import sample_lines
+from tests.serve.conftest import Running
+
+DECLARE = {"license": "CC0-1.0", "owner": "Brightpath Bikes", "personal_data": "false"}
+
+
+def _client(server: Running, who: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.keys[who], max_retries=0)
+
+
+def _upload(client: openai.OpenAI, text: str, **extra: Any) -> Any:
+    return client.files.create(
+        file=("train.jsonl", text.encode()), purpose="fine-tune", extra_body={**DECLARE, **extra}
+    )
+
+
+def test_the_fine_tuning_flow_with_the_openai_sdk(server: Running, tmp_path: Path) -> None:
+    a, b = _client(server, "a"), _client(server, "b")
+    uploaded = _upload(a, sample_lines(40))
+    assert uploaded.status == "processed", uploaded.status_details
+    assert a.files.retrieve(uploaded.id).filename == "train.jsonl"
+    assert a.files.content(uploaded.id).read() == sample_lines(40).encode()
+
+    job = a.fine_tuning.jobs.create(
+        model=server.engine.model_id,
+        training_file=uploaded.id,
+        suffix="care",
+        metadata={"team": "support"},
+        extra_body={"loraforge": {"max_steps": 4, "lora_r": 4}},
+    )
+    assert job.status == "queued" and job.model == server.engine.model_id
+    other = a.fine_tuning.jobs.create(model=server.engine.model_id, training_file=uploaded.id)
+    assert a.fine_tuning.jobs.cancel(other.id).status == "cancelled"
+
+    registry = open_registry(server.home)
+    settings = WorkerSettings(heartbeat_s=0.2, poll_s=0.1, checkpoint_every=2)
+    try:
+        Worker(registry, server.home, LocalExecutor(server.home, threads=1), settings=settings).run(exit_when_idle=True)
+    finally:
+        registry.close()
+
+    done = a.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model and done.fine_tuned_model.startswith(f"ft:{server.engine.model_id}:tenant-a:care:")
+    assert done.trained_tokens and done.result_files
+    events = list(a.fine_tuning.jobs.list_events(job.id, limit=100))
+    assert events[0].message == "The job has successfully completed"
+    assert any(e.type == "metrics" for e in events)
+    checkpoints = list(a.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in checkpoints] == [2]
+    assert checkpoints[0].metrics.train_loss is not None
+    results = a.files.content(done.result_files[0]).read().decode()
+    assert results.splitlines()[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert [j.id for j in a.fine_tuning.jobs.list(metadata={"team": "support"})] == [job.id]
+
+    # another tenant: nothing of tenant-a exists for it, by any endpoint
+    for call in (
+        lambda: b.files.retrieve(uploaded.id),
+        lambda: b.files.content(uploaded.id),
+        lambda: b.files.delete(uploaded.id),
+        lambda: b.fine_tuning.jobs.retrieve(job.id),
+        lambda: b.fine_tuning.jobs.cancel(job.id),
+        lambda: list(b.fine_tuning.jobs.list_events(job.id)),
+        lambda: list(b.fine_tuning.jobs.checkpoints.list(job.id)),
+        lambda: b.files.content(done.result_files[0]),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert [f.id for f in b.files.list()] == [] and list(b.fine_tuning.jobs.list()) == []
+    with pytest.raises(openai.BadRequestError) as refused:
+        b.fine_tuning.jobs.create(model=server.engine.model_id, training_file=uploaded.id)
+    assert refused.value.body["param"] == "training_file"  # type: ignore[index]
+
+
+def test_a_file_with_line_errors_fails_with_the_line_named(server: Running) -> None:
+    a = _client(server, "a")
+    bad = _upload(a, sample_lines(20) + '{"messages": [{"role": "wizard", "content": "hi"}]}\n')
+    assert bad.status == "error" and "train.jsonl:21" in (bad.status_details or "")
+    with pytest.raises(openai.BadRequestError) as refused:
+        a.fine_tuning.jobs.create(model=server.engine.model_id, training_file=bad.id)
+    assert "train.jsonl:21" in str(refused.value)
+
+
+def test_bad_job_requests_name_the_field(server: Running) -> None:
+    a = _client(server, "a")
+    uploaded = _upload(a, sample_lines(20))
+    cases = [
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"extra_body": {"learning_rate": 1}}, "learning_rate"),
+        ({"extra_body": {"loraforge": {"lora_rank": 4}}}, "loraforge.lora_rank"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as refused:
+            a.fine_tuning.jobs.create(model=server.engine.model_id, training_file=uploaded.id, **extra)
+        assert refused.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as wrong_model:
+        a.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=uploaded.id)
+    assert wrong_model.value.body["param"] == "model"  # type: ignore[index]
+
+
+def test_uploads_without_a_key_or_a_declaration(server: Running) -> None:
+    anonymous = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.files.create(file=("t.jsonl", b"{}"), purpose="fine-tune")
+    a = _client(server, "a")
+    undeclared = a.files.create(file=("t.jsonl", sample_lines(20).encode()), purpose="fine-tune")
+    assert undeclared.status == "error" and "no licence declared" in (undeclared.status_details or "")
+    with pytest.raises(openai.BadRequestError) as partial:
+        a.files.create(file=("t.jsonl", b"{}"), purpose="fine-tune", extra_body={"license": "MIT"})
+    assert partial.value.body["param"] == "owner"  # type: ignore[index]
