@@ -66,6 +66,14 @@ def test_the_fine_tuning_flow_with_the_openai_sdk(server: Running, tmp_path: Pat
     assert results.splitlines()[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
     assert [j.id for j in a.fine_tuning.jobs.list(metadata={"team": "support"})] == [job.id]
 
+    # the job's model is served to its tenant at once, and to nobody else
+    model = done.fine_tuned_model
+    answer = a.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert answer.model == model and answer.choices[0].message.content is not None
+    assert model in {m.id for m in a.models.list()} and model not in {m.id for m in b.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        b.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+
     # another tenant: nothing of tenant-a exists for it, by any endpoint
     for call in (
         lambda: b.files.retrieve(uploaded.id),

@@ -18,10 +18,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sqlalchemy import select
+
 from loraforge.errors import ConfigError, ModelError
 from loraforge.files import atomic_directory, write_bytes_atomic, write_text_atomic
 from loraforge.models.manifest import AdapterManifest, read_manifest
 from loraforge.models.sources import DEFAULT_BASE_MODEL, PACKAGED_MODELS
+from loraforge.registry.database import Registry
+from loraforge.registry.schema import Adapter as AdapterRow
 from loraforge.serve.adapter_checks import (
     CONFIG,
     EVIDENCE_FILES,
@@ -57,6 +61,9 @@ class Registration:
         return self.tenant is None or self.tenant == tenant
 
 
+FINE_TUNED = "ft:"  # the names of fine-tuning jobs' models (registered in the registry by the worker)
+
+
 class AdapterStore:
     """Registered adapters under ``HOME/adapters``: one directory each, written atomically.
 
@@ -73,8 +80,10 @@ class AdapterStore:
         reserved_names: Iterable[str] = (),
         max_rank: int = MAX_LORA_RANK,
         max_bytes: int = MAX_ADAPTER_BYTES,
+        registry: Registry | None = None,
     ) -> None:
         self.root = home / "adapters"
+        self.registry = registry  # fine-tuning jobs' models (``ft:…``) are registered there
         self.reserved_names = {DEFAULT_BASE_MODEL, *PACKAGED_MODELS, *reserved_names}
         self.max_rank = max_rank
         self.max_bytes = max_bytes
@@ -191,6 +200,8 @@ class AdapterStore:
         return reg
 
     def get(self, name: str) -> Registration | None:
+        if name.startswith(FINE_TUNED):
+            return self._fine_tuned(name)
         if not valid_name(name):
             return None
         path = self.root / name / "registration.json"
@@ -202,9 +213,9 @@ class AdapterStore:
 
     def registrations(self) -> list[Registration]:
         if not self.root.is_dir():
-            return []
+            return self._all_fine_tuned()
         regs = (self.get(p.name) for p in sorted(self.root.iterdir()) if not p.name.startswith("."))
-        return [r for r in regs if r is not None]
+        return [r for r in regs if r is not None] + self._all_fine_tuned()
 
     def remove(self, name: str) -> bool:
         path = self.root / name
@@ -216,7 +227,41 @@ class AdapterStore:
         return True
 
     def path(self, name: str) -> Path:
+        if name.startswith(FINE_TUNED):
+            reg = self._fine_tuned(name)
+            if reg is not None:
+                return Path(reg.source)  # the job's own output directory, checked on every load
         return self.root / name
+
+    def _fine_tuned(self, name: str) -> Registration | None:
+        """A fine-tuning job's model from the registry (None without a registry or such a model)."""
+        if self.registry is None:
+            return None
+        with self.registry.session() as s:
+            row = s.get(AdapterRow, name)
+            return _registration(row) if row is not None and row.job_id is not None else None
+
+    def _all_fine_tuned(self) -> list[Registration]:
+        if self.registry is None:
+            return []
+        with self.registry.session() as s:
+            rows = s.scalars(select(AdapterRow).where(AdapterRow.job_id.is_not(None)).order_by(AdapterRow.name))
+            return [_registration(r) for r in rows]
+
+
+def _registration(row: AdapterRow) -> Registration:
+    return Registration(
+        name=row.name,
+        tenant=row.tenant,
+        base_model=row.base_model,
+        base_sha256=row.base_sha256,
+        weights_sha256=row.weights_sha256,
+        added_at=row.added_at,
+        source=row.source,
+        config_sha256=row.config_sha256,
+        governance_flags=tuple(str(f) for f in row.governance_flags or ()),
+        governance_override=row.governance_override,
+    )
 
 
 def _copy_tree(source: Path, target: Path, max_bytes: int) -> None:

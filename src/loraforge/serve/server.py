@@ -127,7 +127,11 @@ def build_server(
             f"kv_cache_mb {config.kv_cache_mb} holds only {positions} positions for each of the "
             f"{config.max_batch_size} batch slots; raise kv_cache_mb or lower max_batch_size"
         )
-    store = AdapterStore(home, reserved_names={base.model_id, base.name}, max_rank=config.max_lora_rank)
+    registry = open_registry(home, config.database_url)
+    # fine-tuning jobs' models (ft:…) are served from the registry beside the adapters registered by hand
+    store = AdapterStore(
+        home, reserved_names={base.model_id, base.name}, max_rank=config.max_lora_rank, registry=registry
+    )
     cache = AdapterCache(
         store,
         engine.runner,
@@ -159,7 +163,6 @@ def build_server(
         created=int(time.time()),
         max_echo_tokens=config.max_echo_tokens,
     )
-    registry = open_registry(home, config.database_url)
     files = FileService(registry, home / "files", max_bytes=config.max_upload_bytes, tokenizer=tokenizer)
     jobs = JobService(
         registry, files, base_models={base.model_id: base.sha256}, base_sources={base.model_id: config.base_model}
