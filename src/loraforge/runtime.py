@@ -35,6 +35,7 @@ def configure_process(*, quiet: bool = True) -> None:
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         if not _configured["done"]:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # its migration chatter on every start
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     _configured["done"] = True
 

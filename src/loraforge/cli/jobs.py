@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from sqlalchemy.exc import OperationalError
 
 from loraforge.cli.options import Home
 from loraforge.cli.output import console, err_console
+from loraforge.errors import ConfigError
 
 registry_app = typer.Typer(help="The registry database: tenants, keys, files, jobs, adapters.", no_args_is_help=True)
 
@@ -96,8 +99,17 @@ def registry_status(database_url: DatabaseUrl = None, home: Home = None) -> None
     from loraforge.registry.database import database_url as url_of
 
     engine = make_engine(url_of(resolve_home(home), database_url))
+    shown = engine.url.render_as_string(hide_password=True)
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and not Path(database).is_file():
+        err_console.print(
+            f"registry {shown}: none yet; the server, a worker or `loraforge registry upgrade` creates it"
+        )
+        raise typer.Exit(1)
     try:
         current, head = current_revision(engine), head_revision(engine)
+    except OperationalError as e:
+        raise ConfigError(f"cannot open the registry {shown}: {e.orig}") from e
     finally:
         engine.dispose()
     shown = engine.url.render_as_string(hide_password=True)
