@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +105,19 @@ def test_native_norms_refuse_bad_arguments_clearly() -> None:
         kernel.rms_norm(torch.zeros(8, 2).t(), torch.zeros(8), 1e-5)
     with pytest.raises(RuntimeError, match="the added tensor must be like x"):
         kernel.add_rms_norm(torch.zeros(2, 8), torch.zeros(3, 8), torch.zeros(8), 1e-5)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_cleared(tmp_path: Path) -> None:
+    """PyTorch waits forever for the lock of a build that was killed; an old one is removed, a fresh one kept."""
+    import os
+    import time
+
+    from loraforge.serve.kernels import STALE_LOCK_S, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    assert not clear_stale_lock(lock)  # none: nothing to do
+    lock.write_text("")
+    assert not clear_stale_lock(lock) and lock.exists()  # a build may be running now
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(lock) and not lock.exists()

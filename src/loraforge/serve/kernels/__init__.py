@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,25 @@ def native_supported() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512")
 
 
+STALE_LOCK_S = 600.0  # a build takes a minute or two; a lock older than this was left by a killed one
+
+
+def clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove a build lock left by a process killed while building; True if one was removed.
+
+    PyTorch waits for the lock to go away, forever: without this, every later start would hang.
+    """
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    log.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def load_kernels() -> Any | None:
     """The compiled module, or ``None`` where it cannot be built or is wrong."""
     if "native" in _LOADED:
@@ -46,12 +66,17 @@ def load_kernels() -> Any | None:
     module = None
     if native_supported():
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import get_default_build_root, load
 
             text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)  # a new build when any changes
             digest = hashlib.sha256(text + repr((FLAGS, torch.__version__)).encode()).hexdigest()
+            name = f"loraforge_kernels_{digest[:12]}"
+            build = Path(get_default_build_root()) / "loraforge" / name
+            build.mkdir(parents=True, exist_ok=True)
+            clear_stale_lock(build / "lock")
             module = load(
-                name=f"loraforge_kernels_{digest[:12]}",
+                name=name,
+                build_directory=str(build),
                 sources=[str(source) for source in SOURCES],
                 extra_cflags=FLAGS,
                 extra_ldflags=["-fopenmp"],
