@@ -12,7 +12,14 @@ from loraforge.jobs.executor import LocalExecutor
 from loraforge.jobs.worker import Worker, WorkerSettings
 from loraforge.registry.database import open_registry
 from tests.jobs.conftest import sample_lines
-from tests.serve.conftest import Running
+from tests.serve.conftest import Running, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    """A server of its own: the models these jobs make must not show in the shared server's listings."""
+    yield from start_server(tmp_path_factory.mktemp("jobs-home"), tiny_model_dir, max_batch_size=4)
+
 
 DECLARE = {"license": "CC0-1.0", "owner": "Brightpath Bikes", "personal_data": "false"}
 
