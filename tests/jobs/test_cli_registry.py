@@ -17,7 +17,10 @@ def test_status_then_upgrade_then_status(tmp_path: Path) -> None:
     assert missing.returncode == 1 and "none yet" in missing.stderr and "Traceback" not in missing.stderr
     upgraded = _run("registry", "upgrade", "--home", str(home))
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "revision 0001 (newest)" in upgraded.stdout and "Context impl" not in upgraded.stdout + upgraded.stderr
+    from loraforge.registry.database import head_revision, make_engine
+
+    head = head_revision(make_engine("sqlite://"))
+    assert f"revision {head} (newest)" in upgraded.stdout and "Context impl" not in upgraded.stdout + upgraded.stderr
     current = _run("registry", "status", "--home", str(home))
     assert current.returncode == 0 and "(current)" in current.stdout
     assert ((home / "registry.db").stat().st_mode & 0o077) == 0

@@ -46,6 +46,8 @@ def test_a_job_runs_to_a_served_model_with_events_checkpoints_and_results(
     assert {"step", "train_loss", "valid_loss", "full_valid_loss", "train_mean_token_accuracy"} <= set(
         metrics[0]["data"]
     )
+    first_step = next(e["data"] for e in reversed(metrics) if e["message"].startswith("Step 1:"))
+    assert first_step["total_steps"] == 4 and first_step["train_mean_token_accuracy"] == 0.2
     everything = [e["id"] for e in jobs.events("acme", ident, limit=100)["data"]]
     paged, after = [], None
     while True:  # pages of 5, each after the last of the one before: the same events, in the same order
@@ -68,7 +70,7 @@ def test_a_job_runs_to_a_served_model_with_events_checkpoints_and_results(
         assert result is not None and result.tenant == "acme" and result.purpose == "fine-tune-results"
         assert Path(result.path).read_text().splitlines()[:2] == [
             "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy",
-            "1,2.0,,,",
+            "1,2.0,0.2,,",
         ]
         adapter = s.get(Adapter, job["fine_tuned_model"])
         assert adapter is not None and adapter.tenant == "acme" and adapter.job_id == ident
@@ -208,3 +210,11 @@ def test_a_job_that_asks_for_evaluation_carries_the_gate_verdict(
     assert "Evaluation finished: the release gate says FAIL" in messages
     assert "Evaluating the adapter against its base model: task, safety" in messages
     assert jobs.list("acme")["data"][0]["loraforge"]["evaluation"]["verdict"] == "FAIL"
+
+
+def test_the_estimated_finish_is_the_steps_left_at_the_pace_so_far() -> None:
+    from loraforge.jobs.worker import estimated_finish
+
+    assert estimated_finish({"step": 5, "total_steps": 20, "elapsed_s": 10.0}, 100.0) == 130.0
+    assert estimated_finish({"step": 20, "total_steps": 20, "elapsed_s": 40.0}, 100.0) == 100.0
+    assert estimated_finish({"step": 5, "elapsed_s": 10.0}, 100.0) is None  # a run that did not say its length

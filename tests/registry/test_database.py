@@ -190,3 +190,34 @@ def test_alembic_config_needs_no_ini_file(tmp_path: Path) -> None:
     config = alembic_config(engine)
     assert Path(config.get_main_option("script_location") or "").joinpath("versions").is_dir()
     engine.dispose()
+
+
+def test_an_upgrade_from_the_previous_revision_keeps_every_row(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        upgrade(engine, "0001")
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO tenants (name, created_at) VALUES ('acme', 1.0)"))
+            c.execute(
+                text(
+                    "INSERT INTO api_keys (id, hash, tenant, role, all_tenants, created_at) "
+                    "VALUES ('k1', :h, 'acme', 'user', false, 1.0)"
+                ),
+                {"h": "a" * 64},
+            )
+            c.execute(
+                text(
+                    "INSERT INTO home_migrations (source, backup, records, created_at) "
+                    "VALUES ('keys.json', 'b', 1, 2.0)"
+                )
+            )
+        upgrade(engine)
+        assert current_revision(engine) == head_revision(engine) != "0001"
+        with engine.connect() as c:
+            assert c.execute(text("SELECT source, sha256, records FROM home_migrations")).one() == ("keys.json", "", 1)
+            assert c.execute(text("SELECT tenant FROM api_keys WHERE id = 'k1'")).scalar() == "acme"
+        downgrade(engine, "0001")  # and back: the older code's schema, rows still there
+        with engine.connect() as c:
+            assert c.execute(text("SELECT source, records FROM home_migrations")).one() == ("keys.json", 1)
+    finally:
+        engine.dispose()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from loraforge.govern.audit import verify_audit_log
+from loraforge.serve.keys import hash_key
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -19,7 +20,8 @@ def test_keys_and_adapters_commands(tmp_path: Path, adapter_dirs: dict[str, Path
     created = _run("keys", "create", "--tenant", "acme", "--role", "admin", "--home", home)
     assert created.returncode == 0, created.stderr
     key = created.stdout.split()[0]
-    assert key.startswith("lf-") and key not in (tmp_path / "home" / "keys.json").read_text()
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "home").glob("registry.db*"))
+    assert key.startswith("lf-") and key.encode() not in stored and hash_key(key).encode() in stored
     listed = _run("keys", "list", "--home", home)
     assert "acme" in listed.stdout and "admin" in listed.stdout and key not in listed.stdout
 

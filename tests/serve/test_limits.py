@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loraforge.serve.usage import UsageLedger
 from tests.serve.conftest import start_server
 
 
@@ -68,7 +68,8 @@ def test_cancelled_stream_frees_its_slot(server) -> None:  # type: ignore[no-unt
         time.sleep(0.05)
     assert server.engine.stats()["batch_size"] == 0
     time.sleep(0.2)
-    last = json.loads((server.home / "usage.jsonl").read_text().splitlines()[-1])
+    ledger = UsageLedger(server.home, price_prompt_1k=0, price_completion_1k=0)
+    last = ledger.entries("tenant-a", limit=1)[0]
     assert last["model"] == server.engine.model_id and last["completion_tokens"] < 1800
 
 

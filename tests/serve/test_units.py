@@ -102,9 +102,10 @@ def test_audit_log_detects_edits_and_removals(tmp_path: Path) -> None:
 def test_keys_are_hashed_and_validated(tmp_path: Path) -> None:
     store = KeyStore(tmp_path)
     key, record = store.create("acme", "admin")
-    assert key not in store.path.read_text() and record.hash in store.path.read_text()
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("registry.db*"))  # the database and its WAL
+    assert key.encode() not in stored and record.hash.encode() in stored
     assert store.authenticate(key) == record and store.authenticate(key + "x") is None
-    assert oct(store.path.stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "registry.db").stat().st_mode & 0o777) == "0o600"
     with pytest.raises(ConfigError, match="role"):
         store.create("acme", "root")
     with pytest.raises(ConfigError, match="tenant name"):

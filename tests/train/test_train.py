@@ -70,6 +70,9 @@ def test_training_writes_peft_adapter_manifest_metrics_and_plot(
     assert len(train_losses) == 12
     assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8, 12]
     assert sum(train_losses[-3:]) < sum(train_losses[:3])  # it learns
+    accuracies = [r["accuracy"] for r in records if r["kind"] == "train"]
+    assert all(0.0 <= a <= 1.0 for a in accuracies) and sum(accuracies[-3:]) > sum(accuracies[:3])
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in records if r["kind"] == "eval")
     m = json.loads((out / "manifest.json").read_text())
     assert m["base_model"]["sha256"] and m["base_model"]["source"] == "local-dir"
     assert m["datasets"][0]["sha256"] and m["datasets"][0]["examples"] == 40

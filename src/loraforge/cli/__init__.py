@@ -2,7 +2,7 @@
 
 This package registers the commands; each group lives in its own module (``data``, ``train``,
 ``generate``, ``evaluate`` for ``eval``, ``serve`` for serve, keys and adapters, ``audit``, ``jobs`` for
-the worker and the registry), the
+the worker and the registry, ``client`` for ``files`` and ``jobs`` against a running server), the
 rendering in ``output`` and the options shared or generated from config dataclasses in ``options``.
 """
 
@@ -13,7 +13,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from loraforge.cli import audit, data, evaluate, generate, jobs, serve, train
+from loraforge.cli import audit, client, data, evaluate, generate, jobs, serve, train
 from loraforge.cli.output import err_console
 from loraforge.errors import LoraforgeError
 
@@ -34,6 +34,8 @@ app.command("generate")(generate.generate)
 app.command("eval")(evaluate.eval_adapter)
 app.command("worker")(jobs.worker)
 app.add_typer(jobs.registry_app, name="registry")
+app.add_typer(client.files_app, name="files")
+app.add_typer(client.jobs_app, name="jobs")
 
 
 def main() -> None:

@@ -10,18 +10,11 @@ from typing import Annotated
 import typer
 from sqlalchemy.exc import OperationalError
 
-from loraforge.cli.options import Home
+from loraforge.cli.options import DatabaseUrl, Home
 from loraforge.cli.output import console, err_console
 from loraforge.errors import ConfigError
 
 registry_app = typer.Typer(help="The registry database: tenants, keys, files, jobs, adapters.", no_args_is_help=True)
-
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option(
-        help="sqlite:///PATH or postgresql://USER@HOST/DB (default: $LORAFORGE_DATABASE_URL, else HOME/registry.db)."
-    ),
-]
 
 
 def worker(
@@ -47,10 +40,10 @@ def worker(
     from loraforge.home import resolve_home
     from loraforge.jobs.executor import LocalExecutor
     from loraforge.jobs.worker import Worker, WorkerSettings
-    from loraforge.registry.database import open_registry
+    from loraforge.serve.home_registry import home_registry
 
     root = resolve_home(home)
-    registry = open_registry(root, database_url)
+    registry = home_registry(root, database_url)
     stop = threading.Event()
     settings = WorkerSettings(max_running_per_tenant=max_running_per_tenant, stale_after_s=heartbeat_timeout)
     # SIGTERM (a supervisor, `serve --worker` ending): the running job goes back to the queue at once
@@ -79,9 +72,10 @@ def worker(
 def registry_upgrade(database_url: DatabaseUrl = None, home: Home = None) -> None:
     """Bring the registry's schema to this version's newest revision (the server and worker do it on start)."""
     from loraforge.home import resolve_home
-    from loraforge.registry.database import current_revision, open_registry
+    from loraforge.registry.database import current_revision
+    from loraforge.serve.home_registry import home_registry
 
-    registry = open_registry(resolve_home(home), database_url)
+    registry = home_registry(resolve_home(home), database_url)
     try:
         console.print(
             f"registry {registry.engine.url.render_as_string(hide_password=True)}: "

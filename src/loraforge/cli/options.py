@@ -31,6 +31,14 @@ Home = Annotated[
     Path | None, typer.Option("--home", help="State directory (default: $LORAFORGE_HOME or ~/.loraforge).")
 ]
 
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        help="The registry: sqlite:///PATH or postgresql://USER@HOST/DB "
+        "(default: $LORAFORGE_DATABASE_URL, else HOME/registry.db)."
+    ),
+]
+
 ConfigFlags = dict[str, Any]
 """The flags given on the command line, by field name; flags left out are absent."""
 
@@ -257,4 +265,5 @@ EVAL_FLAGS = FlagSource(
 SERVE_FLAGS = FlagSource(
     "loraforge.serve.config",
     "ServeConfig",
+    not_flags={"default_declarations": "a mapping per tenant: set it in the YAML file"},
 )

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import getpass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from loraforge.cli.options import SERVE_FLAGS, ConfigFlags, Home, config_flags
+from loraforge.cli.options import SERVE_FLAGS, ConfigFlags, DatabaseUrl, Home, config_flags
 from loraforge.cli.output import console, show_adapters, show_keys
 from loraforge.errors import ConfigError
 from loraforge.home import resolve_home
+
+if TYPE_CHECKING:
+    from loraforge.registry.database import Registry
 
 keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 adapters_app = typer.Typer(help="The adapters a server can serve: add, list, remove.", no_args_is_help=True)
@@ -60,6 +63,12 @@ def serve(
             child.wait(timeout=30)
 
 
+def _registry(home: Path, url: str | None) -> Registry:
+    from loraforge.serve.home_registry import home_registry
+
+    return home_registry(home, url)
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")],
@@ -67,6 +76,7 @@ def keys_create(
     all_tenants: Annotated[
         bool, typer.Option("--global", help="An admin key for every tenant (/metrics, all usage, all adapters).")
     ] = False,
+    database_url: DatabaseUrl = None,
     home: Home = None,
 ) -> None:
     """Create an API key and print it once (only its hash is stored)."""
@@ -75,7 +85,7 @@ def keys_create(
 
     h = resolve_home(home)
     with AuditLog(h).action(_actor(), "key.create", f"tenant:{tenant}", role=role, all_tenants=all_tenants) as act:
-        key, record = KeyStore(h).create(tenant, role, all_tenants=all_tenants)
+        key, record = KeyStore(h, _registry(h, database_url)).create(tenant, role, all_tenants=all_tenants)
         act.outcome["key_id"] = record.id  # the id only: the key itself never enters the log
     console.print(key, highlight=False, soft_wrap=True)
     console.print(
@@ -86,16 +96,19 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(home: Home = None) -> None:
+def keys_list(database_url: DatabaseUrl = None, home: Home = None) -> None:
     """List keys (ids, tenants, roles; never the keys)."""
     from loraforge.serve.keys import KeyStore
 
-    show_keys(console, KeyStore(resolve_home(home)).records())
+    h = resolve_home(home)
+    show_keys(console, KeyStore(h, _registry(h, database_url)).records())
 
 
 @keys_app.command("revoke")
 def keys_revoke(
-    key_id: Annotated[str, typer.Argument(help="The key id shown by `keys list`.")], home: Home = None
+    key_id: Annotated[str, typer.Argument(help="The key id shown by `keys list`.")],
+    database_url: DatabaseUrl = None,
+    home: Home = None,
 ) -> None:
     """Revoke a key; a running server refuses it from its next request."""
     from loraforge.govern.audit import AuditLog
@@ -103,7 +116,7 @@ def keys_revoke(
 
     h = resolve_home(home)
     with AuditLog(h).action(_actor(), "key.revoke", key_id) as act:
-        record = KeyStore(h).revoke(key_id)
+        record = KeyStore(h, _registry(h, database_url)).revoke(key_id)
         act.outcome["tenant"] = record.tenant
     console.print(f"revoked key {key_id} (tenant {record.tenant})")
 
@@ -123,6 +136,7 @@ def adapters_add(
     ] = None,
     max_lora_rank: Annotated[int, typer.Option(help="Refuse adapters of a higher LoRA rank.")] = 64,
     max_size_mb: Annotated[int, typer.Option(help="Refuse adapter files larger than this.")] = 1024,
+    database_url: DatabaseUrl = None,
     home: Home = None,
 ) -> None:
     """Register a trained adapter so the server can serve it under NAME.
@@ -138,7 +152,7 @@ def adapters_add(
     if public == (tenant is not None):
         raise ConfigError("give exactly one of --tenant NAME or --public")
     h = resolve_home(home)
-    store = AdapterStore(h, max_rank=max_lora_rank, max_bytes=max_size_mb * 2**20)
+    store = AdapterStore(h, max_rank=max_lora_rank, max_bytes=max_size_mb * 2**20, registry=_registry(h, database_url))
     intent = {"tenant": tenant, "public": public, "directory": str(directory), "override": override_governance}
     with AuditLog(h).action(_actor(), "adapter.add", name, **intent) as act:
         reg = store.add(directory, name, tenant=tenant, replace=replace, governance_override=override_governance)
@@ -159,21 +173,24 @@ def adapters_add(
 
 
 @adapters_app.command("list")
-def adapters_list(home: Home = None) -> None:
+def adapters_list(database_url: DatabaseUrl = None, home: Home = None) -> None:
     """List registered adapters and their owners."""
     from loraforge.serve.adapters import AdapterStore
 
-    show_adapters(console, AdapterStore(resolve_home(home)).registrations())
+    h = resolve_home(home)
+    show_adapters(console, AdapterStore(h, registry=_registry(h, database_url)).registrations())
 
 
 @adapters_app.command("remove")
-def adapters_remove(name: Annotated[str, typer.Argument(help="Adapter name.")], home: Home = None) -> None:
+def adapters_remove(
+    name: Annotated[str, typer.Argument(help="Adapter name.")], database_url: DatabaseUrl = None, home: Home = None
+) -> None:
     """Unregister an adapter (its copy in the store is deleted)."""
     from loraforge.govern.audit import AuditLog
     from loraforge.serve.adapters import AdapterStore
 
     h = resolve_home(home)
     with AuditLog(h).action(_actor(), "adapter.remove", name):
-        if not AdapterStore(h).remove(name):
+        if not AdapterStore(h, registry=_registry(h, database_url)).remove(name):
             raise ConfigError(f"no adapter named {name!r}; `loraforge adapters list` shows them")
     console.print(f"removed {name}")

@@ -32,10 +32,11 @@ import yaml
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
-from loraforge.files import private_directory, write_text_atomic
+from loraforge.files import private_directory, sha256_file, write_text_atomic
 from loraforge.jobs.executor import Executor, Run
 from loraforge.jobs.results import metrics_csv, openai_metrics, read_metrics
 from loraforge.jobs.service import add_event, fine_tuned_model_name
+from loraforge.models.manifest import AdapterManifest
 from loraforge.registry.database import Registry
 from loraforge.registry.schema import Adapter, Checkpoint, Evaluation, File, Job
 
@@ -86,6 +87,15 @@ def train_config(job: Job, files: dict[str, str], output: Path, settings: Worker
     if hyper.get("learning_rate_multiplier", "auto") != "auto":
         config["learning_rate"] = DEFAULT_LEARNING_RATE * float(hyper["learning_rate_multiplier"])
     return config
+
+
+def estimated_finish(record: dict[str, Any], now: float) -> float | None:
+    """When the run should end, from its latest training record: the steps left at the pace so far
+    (``elapsed_s`` counts training time across resumes); None when the record cannot tell."""
+    step, total, elapsed = record.get("step"), record.get("total_steps"), record.get("elapsed_s")
+    if not (isinstance(step, int) and step > 0 and isinstance(total, int) and isinstance(elapsed, int | float)):
+        return None
+    return now + max(0, total - step) * float(elapsed) / step
 
 
 class Worker:
@@ -312,6 +322,8 @@ class Worker:
                 seen[r["kind"]] = r["step"]
                 metrics = openai_metrics(records, r["step"])
                 if r["kind"] == "train":
+                    if r.get("total_steps"):
+                        metrics["total_steps"] = r["total_steps"]  # as OpenAI's metrics events carry it
                     add_event(
                         s, job_id, f"Step {r['step']}: training loss={r['loss']:.4f}", kind="metrics", data=metrics
                     )
@@ -323,8 +335,12 @@ class Worker:
                         kind="metrics",
                         data=metrics,
                     )
-            trained = sum(r.get("tokens", 0) for r in records if r.get("kind") == "train")
-            s.execute(update(Job).where(Job.id == job_id).values(trained_tokens=trained))
+            trained_records = [r for r in records if r.get("kind") == "train"]
+            trained = sum(r.get("tokens", 0) for r in trained_records)
+            values: dict[str, Any] = {"trained_tokens": trained}
+            if trained_records:
+                values["estimated_finish"] = estimated_finish(trained_records[-1], time.time())
+            s.execute(update(Job).where(Job.id == job_id).values(**values))
             for step in new_steps:
                 seen["checkpoint"] = step
                 exists = s.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id, Checkpoint.step == step))
@@ -344,6 +360,7 @@ class Worker:
 
     def _finish(self, job_id: str, output: Path, name: str) -> str:
         manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+        record = AdapterManifest.from_json(manifest, output / "manifest.json")
         now = time.time()
         with self.registry.session() as s:
             job = s.get(Job, job_id)
@@ -362,8 +379,6 @@ class Worker:
                 status="processed",
                 created_at=now,
             )
-            from loraforge.files import sha256_file
-
             result.sha256 = sha256_file(result_path)
             s.merge(result)
             s.merge(
@@ -376,14 +391,8 @@ class Worker:
                     config_sha256=manifest["checksums"]["adapter_config.json"],
                     source=str(output),
                     job_id=job_id,
-                    lineage={
-                        "base_model": manifest["base_model"],
-                        "datasets": manifest.get("datasets", []),
-                        "licensing": manifest.get("licensing"),
-                        "data_governance": manifest.get("data_governance"),
-                        "config": manifest.get("config", {}),
-                    },
-                    governance_flags=[f["flag"] for f in manifest.get("governance_flags") or []],
+                    lineage=record.lineage(),
+                    governance_flags=[f["flag"] for f in record.flags()],
                     added_at=now,
                 )
             )

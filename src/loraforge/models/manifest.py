@@ -136,6 +136,17 @@ class AdapterManifest(_Record):
         """The record of the ``train`` or ``validation`` dataset, if the run had one."""
         return next((d for d in self.datasets if d.get("role") == role), None)
 
+    def lineage(self) -> dict[str, Any]:
+        """Where the adapter came from, as the registry keeps it: base model (with its hash), the
+        datasets (paths, hashes, licences), the licence and governance evidence, the config."""
+        return {
+            "base_model": self.base_model.model_dump(mode="json"),
+            "datasets": self.datasets,
+            "licensing": self.licensing,
+            "data_governance": self.data_governance,
+            "config": self.config,
+        }
+
     def context_length(self, default: int = 2048) -> int:
         """The longest example the adapter was trained on, in tokens."""
         return int(self.config.get("context_length") or default)

@@ -31,6 +31,7 @@ from loraforge.files import private_directory
 URL_ENV = "LORAFORGE_DATABASE_URL"
 FILENAME = "registry.db"
 MIGRATIONS = Path(__file__).with_name("migrations")
+READ_ONLY = "loraforge_read_only"  # an execution option: the transaction only reads
 
 
 def database_url(home: Path, url: str | None = None) -> str:
@@ -65,6 +66,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+
+
 def make_engine(url: str) -> Engine:
     """A SQLAlchemy engine for ``url`` (from :func:`database_url`), with SQLite set up for several processes."""
     engine = create_engine(url, pool_pre_ping=True)
@@ -72,7 +77,8 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         # Each transaction takes the write lock when it begins (waiting up to the busy timeout):
         # a read-then-write can never find the database changed under it. Transactions are short.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # Read-only ones (``Registry.reading``) take no lock: in WAL mode they never wait.
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
@@ -127,10 +133,19 @@ class Registry:
     engine: Engine
     sessions: sessionmaker[Session]
 
+    def __post_init__(self) -> None:
+        self.readers = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session whose work is committed when the block ends, and rolled back if it raises."""
         with self.sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session that only reads: on SQLite it never waits for a writer (a request's key lookup)."""
+        with self.readers.begin() as session:
             yield session
 
     def close(self) -> None:

@@ -194,12 +194,18 @@ class UsageRecord(Base):
 
 
 class Migration(Base):
-    """A file-based home moved into the registry: what was imported, and where the originals were kept."""
+    """A file of a file-based home imported into the registry: which, its hash, where it was kept.
+
+    One row per file (``keys.json``, ``usage.jsonl``, ``adapters/NAME/registration.json``), written
+    in the transaction that imports it: a file found again with the same hash was imported already
+    (the process stopped before moving it to the backup) and is only moved.
+    """
 
     __tablename__ = "home_migrations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    source: Mapped[str] = mapped_column(String(64))  # keys.json | adapters | usage.jsonl
+    source: Mapped[str] = mapped_column(String(255))  # the file's path in the home
+    sha256: Mapped[str] = mapped_column(String(64), server_default="")  # "" in rows of revision 0001
     backup: Mapped[str] = mapped_column(Text)
     records: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)

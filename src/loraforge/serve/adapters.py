@@ -1,10 +1,12 @@
-"""The adapter store (``HOME/adapters/NAME``): which adapters are registered, for whom, on which base.
+"""The adapter store: which adapters are registered, for whom, on which base.
 
-A registered adapter is a copy of a trained adapter directory plus ``registration.json``: its
-owner (a tenant, or public), the base model it needs and the sha256 of its weights, taken from
-the adapter's own manifest. Its files are checked on the way in (``adapter_checks.py``); reading
-its weights into memory (checksum first, safetensors only, refused for other base weights than
-the served ones) is ``adapter_cache.py``.
+A registered adapter is a row of the registry's ``adapters`` table — its owner (a tenant, or
+public), the base model it needs, the sha256 of its weights and config, its lineage, taken from the
+adapter's own manifest — and, for one registered by hand, a copy of its directory under
+``HOME/adapters/NAME``. A fine-tuning job's model (``ft:…``) is registered by the worker and read
+from the job's own output directory. Files are checked on the way in (``adapter_checks.py``);
+reading the weights into memory (checksum first, safetensors only, refused for other base weights
+than the served ones) is ``adapter_cache.py``.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ import os
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
 
 from loraforge.errors import ConfigError, ModelError
-from loraforge.files import atomic_directory, write_bytes_atomic, write_text_atomic
+from loraforge.files import atomic_directory, write_bytes_atomic
 from loraforge.models.manifest import AdapterManifest, read_manifest
 from loraforge.models.sources import DEFAULT_BASE_MODEL, PACKAGED_MODELS
 from loraforge.registry.database import Registry
 from loraforge.registry.schema import Adapter as AdapterRow
+from loraforge.registry.schema import ensure_tenant
 from loraforge.serve.adapter_checks import (
     CONFIG,
     EVIDENCE_FILES,
@@ -38,6 +41,7 @@ from loraforge.serve.adapter_checks import (
     read_regular,
     valid_name,
 )
+from loraforge.serve.home_registry import home_registry
 
 
 @dataclass(frozen=True)
@@ -65,12 +69,14 @@ FINE_TUNED = "ft:"  # the names of fine-tuning jobs' models (registered in the r
 
 
 class AdapterStore:
-    """Registered adapters under ``HOME/adapters``: one directory each, written atomically.
+    """Registered adapters: rows in the registry, files under ``HOME/adapters`` (one directory each,
+    written atomically before the row that makes them visible is committed).
 
     Args:
         reserved_names: names an adapter may not take (the base models a server serves).
         max_rank: the highest LoRA rank accepted.
         max_bytes: the largest adapter file accepted.
+        registry: the registry to use (default: ``home``'s).
     """
 
     def __init__(
@@ -83,7 +89,7 @@ class AdapterStore:
         registry: Registry | None = None,
     ) -> None:
         self.root = home / "adapters"
-        self.registry = registry  # fine-tuning jobs' models (``ft:…``) are registered there
+        self.registry = registry if registry is not None else home_registry(home)
         self.reserved_names = {DEFAULT_BASE_MODEL, *PACKAGED_MODELS, *reserved_names}
         self.max_rank = max_rank
         self.max_bytes = max_bytes
@@ -120,7 +126,7 @@ class AdapterStore:
             )
         if tenant is not None and not valid_name(tenant):
             raise ConfigError(f"tenant name {tenant!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-'")
-        if (self.root / name).exists() and not replace:
+        if self.get(name) is not None and not replace:
             raise ConfigError(f"an adapter named {name!r} is already registered; pick another name or pass --replace")
         if source.is_symlink():
             raise ModelError(f"{source} is a symbolic link; give the adapter's directory itself")
@@ -176,77 +182,75 @@ class AdapterStore:
                 governance_override = None
         else:
             governance_override = None
-        reg = Registration(
+        row = AdapterRow(
             name=name,
             tenant=tenant,
             base_model=base_name,
             base_sha256=manifest.base_model.sha256,
             weights_sha256=digests[WEIGHTS],
-            added_at=time.time(),
-            source=str(source.resolve()),
             config_sha256=digests[CONFIG],
-            governance_flags=tuple(f["flag"] for f in manifest.flags()),
+            source=str(source.resolve()),
+            lineage=manifest.lineage(),
+            governance_flags=[f["flag"] for f in manifest.flags()],
             governance_override=governance_override.strip() if governance_override else None,
+            added_at=time.time(),
         )
         self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_directory(self.root / name, replace=replace) as tmp:
-            for item, data in files.items():
-                write_bytes_atomic(tmp / item, data)
-            for extra in EVIDENCE_FILES:
-                if (source / extra).is_file() and not (source / extra).is_symlink():
-                    write_bytes_atomic(tmp / extra, read_regular(source / extra, self.max_bytes))
-            _copy_tree(source / "eval", tmp / "eval", self.max_bytes)
-            write_text_atomic(tmp / "registration.json", json.dumps(asdict(reg), indent=2))
-        return reg
+        with self.registry.session() as s:
+            existing = s.get(AdapterRow, name)
+            if existing is not None and not replace:
+                raise ConfigError(
+                    f"an adapter named {name!r} is already registered; pick another name or pass --replace"
+                )
+            if existing is not None and existing.job_id is not None:
+                raise ConfigError(f"{name!r} is a fine-tuning job's model; it cannot be replaced by hand")
+            # the files first (a directory left by a stopped process, with no row, is replaced)
+            with atomic_directory(self.root / name, replace=True) as tmp:
+                for item, data in files.items():
+                    write_bytes_atomic(tmp / item, data)
+                for extra in EVIDENCE_FILES:
+                    if (source / extra).is_file() and not (source / extra).is_symlink():
+                        write_bytes_atomic(tmp / extra, read_regular(source / extra, self.max_bytes))
+                _copy_tree(source / "eval", tmp / "eval", self.max_bytes)
+            if tenant is not None:
+                ensure_tenant(s, tenant, row.added_at)
+            s.merge(row)
+        return _registration(row)
 
     def get(self, name: str) -> Registration | None:
-        if name.startswith(FINE_TUNED):
-            return self._fine_tuned(name)
-        if not valid_name(name):
+        if not (name.startswith(FINE_TUNED) or valid_name(name)):
             return None
-        path = self.root / name / "registration.json"
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        data["governance_flags"] = tuple(data.get("governance_flags") or ())
-        return Registration(**data)
+        with self.registry.reading() as s:
+            row = s.get(AdapterRow, name)
+            return _registration(row) if row is not None else None
 
     def registrations(self) -> list[Registration]:
-        if not self.root.is_dir():
-            return self._all_fine_tuned()
-        regs = (self.get(p.name) for p in sorted(self.root.iterdir()) if not p.name.startswith("."))
-        return [r for r in regs if r is not None] + self._all_fine_tuned()
+        with self.registry.reading() as s:
+            return [_registration(r) for r in s.scalars(select(AdapterRow).order_by(AdapterRow.name))]
 
     def remove(self, name: str) -> bool:
+        """Unregister ``name`` (False if there is no such adapter); a copy in the store is deleted,
+        a fine-tuning job's output directory is kept with its job."""
+        with self.registry.session() as s:
+            row = s.get(AdapterRow, name)
+            if row is None:
+                return False
+            hand_registered = row.job_id is None
+            s.delete(row)
         path = self.root / name
-        if self.get(name) is None:
-            return False
-        trash = self.root / f".removed-{name}-{time.time_ns()}"
-        path.rename(trash)  # atomic: the name disappears at once
-        shutil.rmtree(trash, ignore_errors=True)
+        if hand_registered and valid_name(name) and path.is_dir():
+            trash = self.root / f".removed-{name}-{time.time_ns()}"
+            path.rename(trash)  # atomic: the name disappears at once
+            shutil.rmtree(trash, ignore_errors=True)
         return True
 
     def path(self, name: str) -> Path:
+        """Where the adapter's files are: the store's copy, or a fine-tuning job's output directory."""
         if name.startswith(FINE_TUNED):
-            reg = self._fine_tuned(name)
+            reg = self.get(name)
             if reg is not None:
                 return Path(reg.source)  # the job's own output directory, checked on every load
         return self.root / name
-
-    def _fine_tuned(self, name: str) -> Registration | None:
-        """A fine-tuning job's model from the registry (None without a registry or such a model)."""
-        if self.registry is None:
-            return None
-        with self.registry.session() as s:
-            row = s.get(AdapterRow, name)
-            return _registration(row) if row is not None and row.job_id is not None else None
-
-    def _all_fine_tuned(self) -> list[Registration]:
-        if self.registry is None:
-            return []
-        with self.registry.session() as s:
-            rows = s.scalars(select(AdapterRow).where(AdapterRow.job_id.is_not(None)).order_by(AdapterRow.name))
-            return [_registration(r) for r in rows]
 
 
 def _registration(row: AdapterRow) -> Registration:

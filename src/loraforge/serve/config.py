@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,11 @@ class ServeConfig:
     """Largest request body in bytes; a larger one is answered 413."""
     max_upload_bytes: int = 67_108_864  # 64 MiB
     """Largest file uploaded to /v1/files, in bytes; streamed to disk, a larger one is answered 413."""
+    licence_policy: str | None = None
+    """The licence policy uploads are checked against (YAML; default: loraforge's shipped policy)."""
+    default_declarations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per tenant, the licence declaration of an upload that sends none: ``{tenant: {license: SPDX id,
+    owner: NAME, personal_data: true|false}}``. A tenant without one must declare each upload."""
     database_url: str | None = None
     """The registry database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $LORAFORGE_DATABASE_URL,
     else HOME/registry.db)."""
@@ -138,6 +143,9 @@ class ServeConfig:
             problems.append(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
         if self.port > 65535:
             problems.append(f"port must be <= 65535, got {self.port}")
+        problems += declaration_problems(self.default_declarations)
+        if self.licence_policy and not Path(self.licence_policy).is_file():
+            problems.append(f"licence_policy {self.licence_policy} is not a file")
         if problems:
             raise ConfigError("invalid server config: " + "; ".join(problems))
 
@@ -147,3 +155,24 @@ def load_serve_config(path: str | Path | None, overrides: dict[str, Any]) -> Ser
     values = read_config_file(path, ServeConfig) if path is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServeConfig(**values)
+
+
+def declaration_problems(declarations: Any) -> list[str]:
+    """What is wrong with ``default_declarations`` (nothing: [])."""
+    if not isinstance(declarations, dict):
+        return [f"default_declarations must map tenants to declarations, got {type(declarations).__name__}"]
+    problems = []
+    for tenant, d in declarations.items():
+        where = f"default_declarations.{tenant}"
+        if not isinstance(d, dict):
+            problems.append(f"{where} must be a mapping with license, owner and personal_data")
+            continue
+        unknown = sorted(set(d) - {"license", "owner", "personal_data"})
+        if unknown:
+            problems.append(f"{where} has unknown key(s) {', '.join(unknown)}")
+        for key in ("license", "owner"):
+            if not isinstance(d.get(key), str) or not d[key].strip():
+                problems.append(f"{where}.{key} must be a non-empty string")
+        if not isinstance(d.get("personal_data"), bool):
+            problems.append(f"{where}.personal_data must be true or false")
+    return problems

@@ -1,25 +1,26 @@
-"""API keys: stored as sha256 hashes in ``HOME/keys.json``; each maps to a tenant and a role.
+"""API keys: stored as sha256 hashes in the registry (``api_keys``); each maps to a tenant and a role.
 
 A key is shown once, when it is created. Keys are long random strings, so a plain sha256 is
-enough (no password stretching is needed against guessing). The server re-reads the file when
-it changes, so ``loraforge keys revoke`` takes effect without a restart.
+enough (no password stretching is needed against guessing). Every request looks its key up in the
+registry (a read that never waits for a writer), so ``loraforge keys revoke`` takes effect at the
+next request of every server sharing the registry, without a restart.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
-import os
 import secrets
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select
+
 from loraforge.errors import ConfigError
-from loraforge.files import open_private, private_directory, write_text_atomic
+from loraforge.registry.database import Registry
+from loraforge.registry.schema import ApiKey, ensure_tenant
 from loraforge.serve.adapter_checks import valid_name
+from loraforge.serve.home_registry import home_registry
 
 ROLES = ("user", "admin")
 
@@ -44,11 +45,10 @@ def hash_key(key: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, home: Path) -> None:
-        self.path = home / "keys.json"
-        self._lock = threading.Lock()
-        self._version: tuple[int, int, int] | None = None
-        self._by_hash: dict[str, KeyRecord] = {}
+    """The keys of ``home``'s registry (or of ``registry``, when the caller has one open)."""
+
+    def __init__(self, home: Path, registry: Registry | None = None) -> None:
+        self.registry = registry if registry is not None else home_registry(home)
 
     def create(self, tenant: str, role: str = "user", *, all_tenants: bool = False) -> tuple[str, KeyRecord]:
         """A new key for ``tenant``; returns (the key — shown once —, its record).
@@ -65,77 +65,40 @@ class KeyStore:
             raise ConfigError("only an admin key can act for all tenants (--global needs --role admin)")
         key_id = secrets.token_hex(4)
         key = f"lf-{key_id}-{secrets.token_urlsafe(32)}"
-        record = KeyRecord(
-            id=key_id,
-            hash=hash_key(key),
-            tenant=tenant,
-            role=role,
-            created_at=time.time(),
-            all_tenants=all_tenants,
-        )
-        with self._locked() as records:
-            records.append(record)
-        return key, record
+        now = time.time()
+        row = ApiKey(id=key_id, hash=hash_key(key), tenant=tenant, role=role, all_tenants=all_tenants, created_at=now)
+        with self.registry.session() as s:
+            ensure_tenant(s, tenant, now)
+            s.add(row)
+        return key, _record(row)
 
     def revoke(self, key_id: str) -> KeyRecord:
-        with self._locked() as records:
-            for i, r in enumerate(records):
-                if r.id == key_id:
-                    if r.revoked_at is None:
-                        records[i] = KeyRecord(**{**asdict(r), "revoked_at": time.time()})
-                    return records[i]
-        raise ConfigError(f"no key with id {key_id!r}; `loraforge keys list` shows the ids")
+        with self.registry.session() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                raise ConfigError(f"no key with id {key_id!r}; `loraforge keys list` shows the ids")
+            if row.revoked_at is None:
+                row.revoked_at = time.time()
+            return _record(row)
 
     def records(self) -> list[KeyRecord]:
-        return self._read()
+        with self.registry.reading() as s:
+            return [_record(r) for r in s.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id))]
 
     def authenticate(self, key: str) -> KeyRecord | None:
         """The active record of ``key``, or None (unknown or revoked)."""
-        self._refresh()
-        record = self._by_hash.get(hash_key(key))
-        return record if record is not None and record.active else None
+        with self.registry.reading() as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.hash == hash_key(key)))
+            return _record(row) if row is not None and row.revoked_at is None else None
 
-    def _refresh(self) -> None:
-        # The file is replaced by a rename on every change: a new inode even within one mtime tick.
-        try:
-            info = self.path.stat()
-        except FileNotFoundError:
-            self._by_hash, self._version = {}, None
-            return
-        version = (info.st_ino, info.st_size, info.st_mtime_ns)
-        if version != self._version:
-            with self._lock:
-                self._by_hash = {r.hash: r for r in self._read()}
-                self._version = version
 
-    def _read(self) -> list[KeyRecord]:
-        if not self.path.is_file():
-            return []
-        try:
-            data = json.loads(self.path.read_text())
-            return [KeyRecord(**r) for r in list(data["keys"])]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{self.path} is not a valid key file ({e}); restore it from a backup") from e
-
-    class _Locked:
-        def __init__(self, store: KeyStore) -> None:
-            self.store = store
-            self.records: list[KeyRecord] = []
-
-        def __enter__(self) -> list[KeyRecord]:
-            private_directory(self.store.path.parent)
-            self.lock = open_private(self.store.path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT)
-            fcntl.flock(self.lock, fcntl.LOCK_EX)
-            self.records = self.store._read()
-            return self.records
-
-        def __exit__(self, exc_type: object, *_: object) -> None:
-            try:
-                if exc_type is None:
-                    body = {"keys": [asdict(r) for r in self.records]}
-                    write_text_atomic(self.store.path, json.dumps(body, indent=2))
-            finally:
-                self.lock.close()
-
-    def _locked(self) -> KeyStore._Locked:
-        return KeyStore._Locked(self)
+def _record(row: ApiKey) -> KeyRecord:
+    return KeyRecord(
+        id=row.id,
+        hash=row.hash,
+        tenant=row.tenant,
+        role=row.role,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        all_tenants=bool(row.all_tenants),
+    )

@@ -16,21 +16,22 @@ from typing import Any, TypeVar
 import torch
 from fastapi import FastAPI
 
+from loraforge.data.licensing import load_policy
 from loraforge.errors import ConfigError
 from loraforge.files import private_directory
 from loraforge.govern.audit import AuditLog
 from loraforge.home import model_cache_dir
-from loraforge.jobs.files import FileService
+from loraforge.jobs.files import Declaration, FileService
 from loraforge.jobs.service import JobService
 from loraforge.models.precision import resolve_precision
 from loraforge.models.sources import BaseModel, load_model, load_tokenizer, resolve_base_model
-from loraforge.registry.database import open_registry
 from loraforge.serve.adapter_cache import AdapterCache
 from loraforge.serve.adapters import AdapterStore
 from loraforge.serve.app import create_app
 from loraforge.serve.config import ServeConfig
 from loraforge.serve.engine import LocalEngine
 from loraforge.serve.forward import LlamaRunner
+from loraforge.serve.home_registry import home_registry
 from loraforge.serve.keys import KeyStore
 from loraforge.serve.limits import Limits, RateLimiter
 from loraforge.serve.prefix_cache import PrefixCache
@@ -127,7 +128,7 @@ def build_server(
             f"kv_cache_mb {config.kv_cache_mb} holds only {positions} positions for each of the "
             f"{config.max_batch_size} batch slots; raise kv_cache_mb or lower max_batch_size"
         )
-    registry = open_registry(home, config.database_url)
+    registry = home_registry(home, config.database_url)  # a file-based home is imported on first start
     # fine-tuning jobs' models (ft:…) are served from the registry beside the adapters registered by hand
     store = AdapterStore(
         home, reserved_names={base.model_id, base.name}, max_rank=config.max_lora_rank, registry=registry
@@ -156,6 +157,7 @@ def build_server(
             home,
             price_prompt_1k=config.price_per_1k_prompt_tokens,
             price_completion_1k=config.price_per_1k_completion_tokens,
+            registry=registry,
         ),
         metrics=metrics,
         default_max_tokens=config.default_max_tokens,
@@ -163,14 +165,26 @@ def build_server(
         created=int(time.time()),
         max_echo_tokens=config.max_echo_tokens,
     )
-    files = FileService(registry, home / "files", max_bytes=config.max_upload_bytes, tokenizer=tokenizer)
+    if config.licence_policy:
+        load_policy(config.licence_policy)  # a missing or malformed policy stops the start, not an upload
+    files = FileService(
+        registry,
+        home / "files",
+        max_bytes=config.max_upload_bytes,
+        tokenizer=tokenizer,
+        policy=Path(config.licence_policy) if config.licence_policy else None,
+        default_declarations={
+            tenant: Declaration(str(d["license"]), str(d["owner"]), bool(d["personal_data"]))
+            for tenant, d in config.default_declarations.items()
+        },
+    )
     jobs = JobService(
         registry, files, base_models={base.model_id: base.sha256}, base_sources={base.model_id: config.base_model}
     )
     app = create_app(
         config,
         service,
-        keys=KeyStore(home),
+        keys=KeyStore(home, registry),
         store=store,
         cache=cache,
         audit=AuditLog(home),

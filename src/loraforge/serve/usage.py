@@ -1,33 +1,36 @@
-"""Metering: every request's tokens and cost, per tenant, kept in ``HOME/usage.jsonl``."""
+"""Metering: every request's tokens and cost, per tenant, kept in the registry (``usage_records``)."""
 
 from __future__ import annotations
 
-import json
-import os
-import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from loraforge.files import open_private, private_directory
+from sqlalchemy import func, select
+
+from loraforge.registry.database import Registry
+from loraforge.registry.schema import UsageRecord
+from loraforge.serve.home_registry import home_registry
 
 
 class UsageLedger:
-    """Appends one line per finished request and keeps running totals (rebuilt from the file at start)."""
+    """Records one row per finished request; totals are summed by the database when asked for.
 
-    def __init__(self, home: Path, *, price_prompt_1k: float, price_completion_1k: float) -> None:
-        self.path = home / "usage.jsonl"
+    Args:
+        registry: the registry to use (default: ``home``'s).
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        price_prompt_1k: float,
+        price_completion_1k: float,
+        registry: Registry | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else home_registry(home)
         self.price_prompt_1k = price_prompt_1k
         self.price_completion_1k = price_completion_1k
-        self._lock = threading.Lock()
-        self._totals: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(_zero))
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    self._add(json.loads(line))
-                except (ValueError, KeyError):
-                    continue  # a line cut short by a crash: skip it, keep the rest
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return round(
@@ -47,25 +50,63 @@ class UsageLedger:
             "completion_tokens": completion_tokens,
             "cost": self.cost(prompt_tokens, completion_tokens),
         }
-        with self._lock:
-            private_directory(self.path.parent)
-            with open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, text=True) as f:
-                f.write(json.dumps(entry) + "\n")
-            self._add(entry)
+        with self.registry.session() as s:
+            s.add(UsageRecord(**entry))
         return entry
 
-    def _add(self, entry: dict[str, Any]) -> None:
-        for model in (entry["model"], "*"):
-            t = self._totals[entry["tenant"]][model]
-            t["requests"] += 1
-            t["prompt_tokens"] += entry["prompt_tokens"]
-            t["completion_tokens"] += entry["completion_tokens"]
-            t["cost"] = round(t["cost"] + entry["cost"], 8)
+    def entries(self, tenant: str, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The tenant's latest requests, newest first."""
+        with self.registry.reading() as s:
+            rows = s.scalars(
+                select(UsageRecord)
+                .where(UsageRecord.tenant == tenant)
+                .order_by(UsageRecord.ts.desc(), UsageRecord.id.desc())
+                .limit(limit)
+            )
+            return [
+                {
+                    "ts": r.ts,
+                    "request_id": r.request_id,
+                    "tenant": r.tenant,
+                    "key_id": r.key_id,
+                    "model": r.model,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "cost": r.cost,
+                }
+                for r in rows
+            ]
 
     def summary(self, tenant: str) -> dict[str, Any]:
-        with self._lock:
-            models = {m: dict(v) for m, v in self._totals.get(tenant, {}).items()}
-        total = models.pop("*", _zero())
+        query = (
+            select(
+                UsageRecord.model,
+                func.count(),
+                func.sum(UsageRecord.prompt_tokens),
+                func.sum(UsageRecord.completion_tokens),
+                func.sum(UsageRecord.cost),
+            )
+            .where(UsageRecord.tenant == tenant)
+            .group_by(UsageRecord.model)
+            .order_by(UsageRecord.model)
+        )
+        with self.registry.reading() as s:
+            rows = s.execute(query).all()
+        models = {
+            model: {
+                "requests": int(n),
+                "prompt_tokens": int(prompt or 0),
+                "completion_tokens": int(completion or 0),
+                "cost": round(float(cost or 0.0), 8),
+            }
+            for model, n, prompt, completion, cost in rows
+        }
+        total = {
+            "requests": sum(m["requests"] for m in models.values()),
+            "prompt_tokens": sum(m["prompt_tokens"] for m in models.values()),
+            "completion_tokens": sum(m["completion_tokens"] for m in models.values()),
+            "cost": round(sum(m["cost"] for m in models.values()), 8),
+        }
         return {
             "object": "usage",
             "tenant": tenant,
@@ -73,7 +114,3 @@ class UsageLedger:
             "total": {**total, "total_tokens": total["prompt_tokens"] + total["completion_tokens"]},
             "by_model": models,
         }
-
-
-def _zero() -> dict[str, float]:
-    return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}

@@ -86,8 +86,9 @@ class LabelOnlyLM(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: ``(B, T)`` tensors. Returns: (sum of token losses, number of targets), both scalars.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Args: ``(B, T)`` tensors. Returns: (sum of token losses, number of targets, number of
+        targets the model ranks first — for the mean token accuracy), all scalars.
 
         Sequences are told apart by ``position_ids`` restarting at 0; no attention mask is passed,
         so transformers builds the block-diagonal causal mask of a packed batch.
@@ -97,7 +98,9 @@ class LabelOnlyLM(nn.Module):
         selected = targets != IGNORE_INDEX  # (B, T)
         logits = base.get_output_embeddings()(h[selected])  # (N, V), N = targets in the batch
         loss_sum = nn.functional.cross_entropy(logits.float(), targets[selected], reduction="sum")
-        return loss_sum, selected.sum()
+        with torch.no_grad():
+            correct = (logits.argmax(dim=-1) == targets[selected]).sum()
+        return loss_sum, selected.sum(), correct
 
     def token_losses(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position loss ``(B, T)``, 0 where there is no target (for tests and evaluation)."""

@@ -130,10 +130,11 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     net, optimizer = accelerator.prepare(net, optimizer)
     val_batches = validation_batches(data.validation, config.seq_len, config.batch_rows, pad_id)
 
-    def forward(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of token losses, targets, targets predicted right) of one micro-batch."""
         dev = accelerator.device
-        loss_sum, n = net(batch.input_ids.to(dev), batch.position_ids.to(dev), batch.targets.to(dev))
-        return loss_sum, n
+        loss_sum, n, correct = net(batch.input_ids.to(dev), batch.position_ids.to(dev), batch.targets.to(dev))
+        return loss_sum, n, correct
 
     # --- pre-flight estimate: time one real micro-batch and extrapolate ---------------------------
     n_linear, n_head = linear_params(peft_model.get_base_model())
@@ -142,7 +143,7 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
     def probe_once() -> None:
-        loss_sum, n = forward(probe)
+        loss_sum, n, _ = forward(probe)
         accelerator.backward(loss_sum / n)
         optimizer.zero_grad(set_to_none=True)
 
@@ -187,16 +188,18 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     # metrics.jsonl is rewritten from what the checkpoint knew: lines of a killed run's lost steps go
     write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
-    def evaluate() -> float:
+    def evaluate() -> tuple[float, float]:
+        """The validation set's mean token loss and mean token accuracy."""
         net.eval()
-        total, count = 0.0, 0
+        total, count, right = 0.0, 0, 0
         with torch.no_grad():
             for batch in val_batches:
-                loss_sum, n = forward(batch)
+                loss_sum, n, correct = forward(batch)
                 total += float(loss_sum)
                 count += int(n)
+                right += int(correct)
         net.train()
-        return total / max(1, count)
+        return total / max(1, count), right / max(1, count)
 
     # rebuilt from the records, so a resumed run compares against evaluations made before the kill
     evals = [r for r in records if r["kind"] == "eval"]
@@ -219,11 +222,12 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
             t0 = time.perf_counter()
             batches = schedule.step_batches(step)
             n_targets = sum(b.num_targets for b in batches)
-            loss_total = 0.0
+            loss_total, right = 0.0, 0
             for batch in batches:
-                loss_sum, _ = forward(batch)
+                loss_sum, _, correct = forward(batch)
                 accelerator.backward(loss_sum / n_targets)  # mean over every target of the step
                 loss_total += float(loss_sum.detach())
+                right += int(correct)
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -240,8 +244,10 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
             record = {
                 "kind": "train",
                 "step": step + 1,
+                "total_steps": total_steps,
                 "epoch": round((step + 1) / steps_per_epoch, 3),
                 "loss": round(loss, 5),
+                "accuracy": round(right / n_targets, 5),  # of the next token, at the targets
                 "lr": lr,
                 "tokens": n_tokens,
                 "tokens_per_s": round(n_tokens / dt, 1),
@@ -251,13 +257,14 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
             reporter.step(record)
             done = step + 1 == total_steps
             if (config.eval_every and (step + 1) % config.eval_every == 0) or done:
-                eval_loss = evaluate()
+                eval_loss, eval_accuracy = evaluate()
                 train_avg = sum(since_eval) / len(since_eval)
                 since_eval = []
                 ev = {
                     "kind": "eval",
                     "step": step + 1,
                     "val_loss": round(eval_loss, 5),
+                    "val_accuracy": round(eval_accuracy, 5),
                     "train_loss": round(train_avg, 5),
                 }
                 log(ev)
