@@ -30,6 +30,10 @@ def worker(
         float, typer.Option(help="Seconds without a heartbeat after which a running job is taken back.")
     ] = 30.0,
     database_url: DatabaseUrl = None,
+    no_upgrade: Annotated[
+        bool,
+        typer.Option("--no-upgrade", help="Refuse a registry behind this version instead of upgrading its schema."),
+    ] = False,
     home: Home = None,
 ) -> None:
     """Claim queued fine-tuning jobs from the registry and run them, one at a time, until stopped.
@@ -43,7 +47,7 @@ def worker(
     from loraforge.serve.home_registry import home_registry
 
     root = resolve_home(home)
-    registry = home_registry(root, database_url)
+    registry = home_registry(root, database_url, upgrade_schema=not no_upgrade)
     stop = threading.Event()
     settings = WorkerSettings(max_running_per_tenant=max_running_per_tenant, stale_after_s=heartbeat_timeout)
     # SIGTERM (a supervisor, `serve --worker` ending): the running job goes back to the queue at once

@@ -265,5 +265,8 @@ EVAL_FLAGS = FlagSource(
 SERVE_FLAGS = FlagSource(
     "loraforge.serve.config",
     "ServeConfig",
-    not_flags={"default_declarations": "a mapping per tenant: set it in the YAML file"},
+    not_flags={
+        "default_declarations": "a mapping per tenant: set it in the YAML file",
+        "upgrade_registry": "a boolean that defaults to true: `serve --no-upgrade` turns it off",
+    },
 )

@@ -35,6 +35,10 @@ def serve(
     worker: Annotated[
         bool, typer.Option("--worker", help="Also run a fine-tuning worker beside the server (one machine).")
     ] = False,
+    no_upgrade: Annotated[
+        bool,
+        typer.Option("--no-upgrade", help="Refuse a registry behind this version instead of upgrading its schema."),
+    ] = False,
     home: Home = None,
 ) -> None:
     """Serve the base model and the registered adapters behind an OpenAI-compatible API.
@@ -47,13 +51,15 @@ def serve(
     from loraforge.serve.config import load_serve_config
     from loraforge.serve.server import run_server
 
-    cfg = load_serve_config(config, flags)
+    cfg = load_serve_config(config, {**flags, "upgrade_registry": False} if no_upgrade else flags)
     root = resolve_home(home)
     child = None
     if worker:  # a process of its own: training never competes with the server's engine thread for the GIL
         command = [sys.executable, "-m", "loraforge", "worker", "--home", str(root)]
         if cfg.database_url:
             command += ["--database-url", cfg.database_url]
+        if not cfg.upgrade_registry:
+            command += ["--no-upgrade"]
         child = subprocess.Popen(command)
     try:
         run_server(cfg, root)

@@ -45,6 +45,9 @@ class ServeConfig:
     default_declarations: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per tenant, the licence declaration of an upload that sends none: ``{tenant: {license: SPDX id,
     owner: NAME, personal_data: true|false}}``. A tenant without one must declare each upload."""
+    upgrade_registry: bool = True
+    """Bring the registry's schema to this version on start; off (``--no-upgrade``), a registry behind
+    the code stops the start with the command that upgrades it (for upgrades done by an operator)."""
     database_url: str | None = None
     """The registry database: sqlite:///PATH or postgresql://USER@HOST/DB (default: $LORAFORGE_DATABASE_URL,
     else HOME/registry.db)."""

@@ -38,18 +38,22 @@ _open: weakref.WeakValueDictionary[str, Registry] = weakref.WeakValueDictionary(
 _lock = threading.Lock()
 
 
-def home_registry(home: Path, url: str | None = None) -> Registry:
+def home_registry(home: Path, url: str | None = None, *, upgrade_schema: bool = True) -> Registry:
     """The registry of ``home`` (or at ``url``): opened and upgraded once per process, shared by the
     stores that use it, with the home's old files imported first (see the module's docstring).
 
+    Args:
+        upgrade_schema: apply pending migrations; with False, a schema behind the code is refused.
+
     Raises:
-        ConfigError: the registry cannot be opened, or an old file is damaged (it names the file).
+        ConfigError: the registry cannot be opened (or is behind and ``upgrade_schema`` is False),
+            or an old file is damaged (it names the file).
     """
     chosen = database_url(home, url)
     with _lock:
         registry = _open.get(chosen)
         if registry is None:
-            registry = open_registry(home, url)
+            registry = open_registry(home, url, upgrade_schema=upgrade_schema)
             _open[chosen] = registry
         import_file_home(home, registry)
     return registry

@@ -87,6 +87,11 @@ def build_server(
         on_engine_death: called if the engine thread stops on an error (``run_server`` exits then).
     """
     private_directory(home)  # keys' hashes, usage, adapters and the audit log: this user's only
+    # the registry first: a schema behind the code (with upgrade_registry off) stops the start at once;
+    # a file-based home is imported on first start
+    registry = home_registry(home, config.database_url, upgrade_schema=config.upgrade_registry)
+    if config.licence_policy:
+        load_policy(config.licence_policy)  # a malformed policy stops the start, not an upload
     if config.threads:
         torch.set_num_threads(config.threads)
     # Resolving may dequantize a packaged model (tensor work) the first time: in a thread that
@@ -128,7 +133,6 @@ def build_server(
             f"kv_cache_mb {config.kv_cache_mb} holds only {positions} positions for each of the "
             f"{config.max_batch_size} batch slots; raise kv_cache_mb or lower max_batch_size"
         )
-    registry = home_registry(home, config.database_url)  # a file-based home is imported on first start
     # fine-tuning jobs' models (ft:…) are served from the registry beside the adapters registered by hand
     store = AdapterStore(
         home, reserved_names={base.model_id, base.name}, max_rank=config.max_lora_rank, registry=registry
@@ -165,8 +169,6 @@ def build_server(
         created=int(time.time()),
         max_echo_tokens=config.max_echo_tokens,
     )
-    if config.licence_policy:
-        load_policy(config.licence_policy)  # a missing or malformed policy stops the start, not an upload
     files = FileService(
         registry,
         home / "files",
