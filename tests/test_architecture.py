@@ -26,6 +26,7 @@ LAYERS: list[set[str]] = [
     {"__init__", "errors", "home", "files", "configfile", "runtime", "reportfilters"},
     {"data"},
     {"models"},
+    {"export"},
     {"train"},
     {"evaluate"},
     {"registry"},

@@ -112,6 +112,21 @@ def run(console: Console) -> int:
         next((m.content for m in first.messages if m.role == "system"), None),
     )
 
+    console.print(Rule("6. export it as a merged model that plain transformers loads"))
+    from loraforge.export.merged import export_merged
+
+    merged_dir = output.parent / f"{output.name}-merged-bf16"
+    console.print(f"$ loraforge export merged --adapter {output} --out {merged_dir} --dtype bf16")
+    exported = export_merged(output, merged_dir, model_cache=cache, dtype="bf16")
+    check = exported.check
+    console.print(
+        f"loaded back with transformers and compared with the adapter on {check.positions} positions: "
+        f"max logit difference {check.max_abs_logit_diff:.3g} (tolerance {check.tolerance:g}), mean "
+        f"{check.mean_abs_logit_diff:.3g} against the adapter's own effect {check.adapter_effect:.3g}, "
+        f"top-1 agreement {check.top1_agreement:.1%}",
+        highlight=False,
+    )
+
     console.print(Rule("results"))
     manifest = read_manifest(output)
     console.print(f"base model:  {base.name} (sha256 {base.sha256[:16]}…, cached in {base.path})")
@@ -128,6 +143,7 @@ def run(console: Console) -> int:
         f"{len(verdict.inconclusive)} inconclusive)"
     )
     console.print(f"evaluation:      {evaluation.html_path}")
+    console.print(f"merged model:    {merged_dir} ({exported.bytes / 1e6:.0f} MB, bf16; loads with transformers alone)")
     lic = manifest.licensing or {}
     decisions = ", ".join(f"{d['source']}: {d['license']} → {d['verdict']}" for d in lic["decisions"])
     console.print(
@@ -135,7 +151,7 @@ def run(console: Console) -> int:
         f"(policy {lic['policy']['name']}); PII action: {(manifest.data_governance or {})['pii']['action']}"
     )
     console.print(f"server log:      {server_log}")
-    console.print(f"home:            {home} (registered adapters, API key hashes, usage, audit log)")
+    console.print(f"home:            {home} (the registry: adapters, key hashes, usage; the audit log)")
     cli = Path(sys.executable).parent / "loraforge"
     console.print(f'try it:          {cli} generate --adapter {output} --prompt "Can I return a bike?"')
     console.print(f"serve it:        {cli} serve --home {home}   (then any OpenAI client, model {ADAPTER_NAME!r})")
