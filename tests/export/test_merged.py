@@ -61,6 +61,7 @@ def test_the_merged_model_loads_in_plain_transformers_and_equals_the_adapter(
     assert manifest["lineage"]["base_model"]["sha256"] == adapter_manifest["base_model"]["sha256"]
     assert manifest["check"]["passed"] and manifest["check"]["positions"] == done.check.positions
     assert manifest["check"]["mean_abs_logit_diff"] < 1e-3 < manifest["check"]["adapter_effect"]
+    assert manifest["check"]["mean_abs_diff_to_base"] == pytest.approx(manifest["check"]["adapter_effect"], rel=1e-3)
     for name, digest in manifest["files"].items():
         assert sha256_file(out / name) == digest, name
 
@@ -88,7 +89,7 @@ def test_a_failed_check_leaves_nothing_and_bad_requests_are_refused(
 
     monkeypatch.setitem(merged_module.TOLERANCE, "fp32", 1e6)
     monkeypatch.setattr(LoraModel, "merge_and_unload", LoraModel.unload)
-    with pytest.raises(ModelError, match=r"against the adapter's own effect"):
+    with pytest.raises(ModelError, match=r"from the base model without the adapter"):
         export_merged(adapter, out, model_cache=tmp_path / "cache")
     assert not out.exists()
     monkeypatch.undo()

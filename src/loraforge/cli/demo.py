@@ -122,7 +122,7 @@ def run(console: Console) -> int:
     console.print(
         f"loaded back with transformers and compared with the adapter on {check.positions} positions: "
         f"max logit difference {check.max_abs_logit_diff:.3g} (tolerance {check.tolerance:g}), mean "
-        f"{check.mean_abs_logit_diff:.3g} against the adapter's own effect {check.adapter_effect:.3g}, "
+        f"{check.mean_abs_logit_diff:.3g} (the adapter moves the base by {check.adapter_effect:.3g}), "
         f"top-1 agreement {check.top1_agreement:.1%}",
         highlight=False,
     )

@@ -29,11 +29,13 @@ from loraforge.models.manifest import read_manifest
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The largest difference of any logit, merged model against base + adapter in fp32, that an export
 # of each dtype may show. fp32 differs only by the order of additions; fp16 and bf16 round every
-# weight (relative steps of 2^-11 and 2^-8), which moves logits by up to about a tenth and a unit.
-TOLERANCE = {"fp32": 1e-3, "fp16": 0.25, "bf16": 1.5}
-# And on average the export must stay much closer to the adapter than the base model is: a merge
-# that lost the adapter (or most of it) fails even where the dtype's tolerance is loose.
-MAX_SHARE_OF_EFFECT = 0.1
+# weight (relative steps of 2^-11 and 2^-8), which moved logits of SmolLM2-135M by up to 0.13 and
+# 1.8 in measurements (docs/exports.md): the tolerances leave about twice that.
+TOLERANCE = {"fp32": 1e-3, "fp16": 0.5, "bf16": 4.0}
+# And on average the export must be much closer to the adapter than to the base model: a merge that
+# lost the adapter (or most of it) fails even where the dtype's tolerance is loose, and so does a
+# dtype whose rounding drowns what the adapter changes.
+MAX_RATIO_TO_BASE = 0.5
 CHECK_PROMPTS = (
     "What is your return policy?",
     "Explain in one sentence what a LoRA adapter is.",
@@ -50,14 +52,15 @@ class MergeCheck:
     tolerance: float
     top1_agreement: float  # share of positions where both rank the same token first
     positions: int
-    mean_abs_logit_diff: float
-    adapter_effect: float  # the mean difference between the base model's logits and the adapter's
+    mean_abs_logit_diff: float  # to the adapter
+    mean_abs_diff_to_base: float  # to the base model without the adapter
+    adapter_effect: float  # the mean difference between the base model's logits and the adapter's (fp32)
 
     @property
     def passed(self) -> bool:
         return (
             self.max_abs_logit_diff <= self.tolerance
-            and self.mean_abs_logit_diff <= MAX_SHARE_OF_EFFECT * self.adapter_effect
+            and self.mean_abs_logit_diff <= MAX_RATIO_TO_BASE * self.mean_abs_diff_to_base
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -67,6 +70,7 @@ class MergeCheck:
             "max_abs_logit_diff": self.max_abs_logit_diff,
             "tolerance": self.tolerance,
             "mean_abs_logit_diff": self.mean_abs_logit_diff,
+            "mean_abs_diff_to_base": self.mean_abs_diff_to_base,
             "adapter_effect": self.adapter_effect,
             "top1_agreement": self.top1_agreement,
             "passed": self.passed,
@@ -108,19 +112,19 @@ def export_merged(
     reference = _logits(chat.model, prompts)  # base + adapter, unmerged, fp32
     with chat.model.disable_adapter():
         base = _logits(chat.model, prompts)
-    effect = _mean_abs(base, reference)
     merged: Any = chat.model.merge_and_unload()
     merged = merged.to(DTYPES[dtype])
     with atomic_directory(out, replace=replace) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         chat.tokenizer.save_pretrained(tmp)
-        check = _check(tmp, dtype, prompts, reference, effect)
+        check = _check(tmp, dtype, prompts, reference, base)
         if not check.passed:
             raise ModelError(
                 f"the merged model differs from the adapter by up to {check.max_abs_logit_diff:.4g} in a logit "
-                f"(tolerance {check.tolerance:g} for {dtype}), {check.mean_abs_logit_diff:.4g} on average against "
-                f"the adapter's own effect of {check.adapter_effect:.4g} (at most {MAX_SHARE_OF_EFFECT:.0%} of it "
-                f"is allowed); top-1 agreement {check.top1_agreement:.1%}. Nothing was written. Try --dtype fp32"
+                f"(tolerance {check.tolerance:g} for {dtype}) and by {check.mean_abs_logit_diff:.4g} on average, "
+                f"against {check.mean_abs_diff_to_base:.4g} from the base model without the adapter (at most "
+                f"{MAX_RATIO_TO_BASE:g}× that is allowed; the adapter moves the base by {check.adapter_effect:.4g}); "
+                f"top-1 agreement {check.top1_agreement:.1%}. Nothing was written. Try --dtype fp32"
             )
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         record = {
@@ -157,7 +161,7 @@ def _mean_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def _check(
-    directory: Path, dtype: str, prompts: list[torch.Tensor], reference: list[torch.Tensor], effect: float
+    directory: Path, dtype: str, prompts: list[torch.Tensor], reference: list[torch.Tensor], base: list[torch.Tensor]
 ) -> MergeCheck:
     """Load ``directory`` as a user would (plain transformers, its stored dtype) and compare."""
     from transformers import AutoModelForCausalLM
@@ -175,7 +179,8 @@ def _check(
         top1_agreement=round(agree / positions, 4),
         positions=positions,
         mean_abs_logit_diff=round(_mean_abs(got, reference), 6),
-        adapter_effect=round(effect, 6),
+        mean_abs_diff_to_base=round(_mean_abs(got, base), 6),
+        adapter_effect=round(_mean_abs(base, reference), 6),
     )
 
 
