@@ -196,25 +196,28 @@ class AdapterStore:
             added_at=time.time(),
         )
         self.root.mkdir(parents=True, exist_ok=True)
-        with self.registry.session() as s:
-            existing = s.get(AdapterRow, name)
-            if existing is not None and not replace:
-                raise ConfigError(
-                    f"an adapter named {name!r} is already registered; pick another name or pass --replace"
-                )
-            if existing is not None and existing.job_id is not None:
-                raise ConfigError(f"{name!r} is a fine-tuning job's model; it cannot be replaced by hand")
-            # the files first (a directory left by a stopped process, with no row, is replaced)
-            with atomic_directory(self.root / name, replace=True) as tmp:
-                for item, data in files.items():
-                    write_bytes_atomic(tmp / item, data)
-                for extra in EVIDENCE_FILES:
-                    if (source / extra).is_file() and not (source / extra).is_symlink():
-                        write_bytes_atomic(tmp / extra, read_regular(source / extra, self.max_bytes))
-                _copy_tree(source / "eval", tmp / "eval", self.max_bytes)
-            if tenant is not None:
-                ensure_tenant(s, tenant, row.added_at)
-            s.merge(row)
+        # The files are written first, outside any transaction (they may be large: the registry's
+        # writers — a server recording usage — never wait for the copy). A short transaction then
+        # checks the name and records the row; the directory is renamed into place right after it
+        # commits. A directory left by a stopped process, with no row, is replaced.
+        with atomic_directory(self.root / name, replace=True) as tmp:
+            for item, data in files.items():
+                write_bytes_atomic(tmp / item, data)
+            for extra in EVIDENCE_FILES:
+                if (source / extra).is_file() and not (source / extra).is_symlink():
+                    write_bytes_atomic(tmp / extra, read_regular(source / extra, self.max_bytes))
+            _copy_tree(source / "eval", tmp / "eval", self.max_bytes)
+            with self.registry.session() as s:
+                existing = s.get(AdapterRow, name)
+                if existing is not None and not replace:
+                    raise ConfigError(
+                        f"an adapter named {name!r} is already registered; pick another name or pass --replace"
+                    )
+                if existing is not None and existing.job_id is not None:
+                    raise ConfigError(f"{name!r} is a fine-tuning job's model; it cannot be replaced by hand")
+                if tenant is not None:
+                    ensure_tenant(s, tenant, row.added_at)
+                s.merge(row)
         return _registration(row)
 
     def get(self, name: str) -> Registration | None:
