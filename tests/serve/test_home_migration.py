@@ -106,8 +106,8 @@ def test_an_old_home_is_imported_once_with_a_backup_and_an_audit_record(
         assert (backup / name).is_file(), name
 
     entries = [e for e in AuditLog(home).entries() if e["action"] == "registry.import_home"]
-    assert len(entries) == 1
-    files = {f["file"]: f["records"] for f in entries[0]["details"]["files"]}
+    assert [e["phase"] for e in entries] == ["intent", "done"]  # recorded before anything was imported
+    files = {f["file"]: f["records"] for f in entries[1]["details"]["files"]}
     assert files == {"keys.json": 2, "usage.jsonl": 2, "adapters/support/registration.json": 1}
     assert verify_audit_log(home / "audit.jsonl") == []
 
@@ -136,7 +136,7 @@ def test_a_stop_between_import_and_move_imports_nothing_twice(tmp_path: Path, ad
             assert len(s.scalars(select(Migration)).all()) == 3
     finally:
         registry.close()
-    assert len([e for e in AuditLog(home).entries() if e["action"] == "registry.import_home"]) == 1
+    assert len([e for e in AuditLog(home).entries() if e["action"] == "registry.import_home"]) == 2
 
 
 def test_a_damaged_file_is_named_and_nothing_is_half_imported(tmp_path: Path, adapter_dirs: dict[str, Path]) -> None:

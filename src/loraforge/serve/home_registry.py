@@ -68,31 +68,47 @@ def import_file_home(home: Path, registry: Registry) -> list[dict[str, Any]]:
         return []
     now = time.time()
     backup = home / "backup" / f"file-home-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}"
+    digests = {path: sha256_file(path) for path in found}
+    with registry.reading() as s:
+        recorded = {(m.source, m.sha256): m.backup for m in s.scalars(select(Migration))}
+    pending = [p for p in found if (str(p.relative_to(home)), digests[p]) not in recorded]
     imported: list[dict[str, Any]] = []
-    moves: list[tuple[Path, Path]] = []
-    with registry.session() as s:
-        for path in found:
-            source = str(path.relative_to(home))
-            digest = sha256_file(path)
-            done = s.scalar(select(Migration).where(Migration.source == source, Migration.sha256 == digest).limit(1))
-            if done is not None:  # imported before the process stopped: only the move is left
-                moves.append((path, Path(done.backup)))
-                continue
-            records = _IMPORTERS[path.name](s, path, now)
-            target = backup / source
-            s.add(Migration(source=source, sha256=digest, backup=str(target), records=records, created_at=now))
-            imported.append({"file": source, "sha256": digest, "records": records})
-            moves.append((path, target))
-    for path, target in moves:
+    if not pending:  # imported before a process stopped: only the moves are left
+        _move(home, found, recorded, digests, backup)
+        return imported
+    # audited like an admin action: if the intent cannot be recorded, nothing is imported
+    names = [str(p.relative_to(home)) for p in pending]
+    with AuditLog(home).action("loraforge", "registry.import_home", str(home), files=names, backup=str(backup)) as act:
+        with registry.session() as s:
+            for path in pending:
+                source, digest = str(path.relative_to(home)), digests[path]
+                if s.scalar(select(Migration.id).where(Migration.source == source, Migration.sha256 == digest)):
+                    continue  # another process imported it meanwhile
+                records = _IMPORTERS[path.name](s, path, now)
+                s.add(
+                    Migration(
+                        source=source, sha256=digest, backup=str(backup / source), records=records, created_at=now
+                    )
+                )
+                recorded[(source, digest)] = str(backup / source)
+                imported.append({"file": source, "sha256": digest, "records": records})
+        _move(home, found, recorded, digests, backup)
+        act.outcome.update(files=imported, backup=str(backup))
+    return imported
+
+
+def _move(
+    home: Path, found: list[Path], recorded: dict[tuple[str, str], str], digests: dict[Path, str], backup: Path
+) -> None:
+    """Move each imported file to where its migration row says it was kept."""
+    for path in found:
+        source = str(path.relative_to(home))
+        target = Path(recorded.get((source, digests[path])) or backup / source)
         private_directory(target.parent)
         with contextlib.suppress(FileNotFoundError):  # moved by another process opening the same home
             os.replace(path, target)
-    stale_lock = home / "keys.lock"
     if not (home / KEYS_FILE).exists():
-        stale_lock.unlink(missing_ok=True)
-    if imported:
-        AuditLog(home).record("loraforge", "registry.import_home", str(home), files=imported, backup=str(backup))
-    return imported
+        (home / "keys.lock").unlink(missing_ok=True)  # the old key store's lock file
 
 
 def _read_json(path: Path) -> Any:
