@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from sqlalchemy.exc import OperationalError
 
-from loraforge.cli.options import DatabaseUrl, Home
+from loraforge.cli.options import DatabaseUrl, Home, NoUpgrade
 from loraforge.cli.output import console, err_console
 from loraforge.errors import ConfigError
 
@@ -30,10 +30,7 @@ def worker(
         float, typer.Option(help="Seconds without a heartbeat after which a running job is taken back.")
     ] = 30.0,
     database_url: DatabaseUrl = None,
-    no_upgrade: Annotated[
-        bool,
-        typer.Option("--no-upgrade", help="Refuse a registry behind this version instead of upgrading its schema."),
-    ] = False,
+    no_upgrade: NoUpgrade = False,
     home: Home = None,
 ) -> None:
     """Claim queued fine-tuning jobs from the registry and run them, one at a time, until stopped.

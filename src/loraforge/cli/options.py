@@ -39,6 +39,11 @@ DatabaseUrl = Annotated[
     ),
 ]
 
+NoUpgrade = Annotated[
+    bool,
+    typer.Option("--no-upgrade", help="Refuse a registry behind this version instead of upgrading its schema."),
+]
+
 ConfigFlags = dict[str, Any]
 """The flags given on the command line, by field name; flags left out are absent."""
 

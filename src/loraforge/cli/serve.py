@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from loraforge.cli.options import SERVE_FLAGS, ConfigFlags, DatabaseUrl, Home, config_flags
+from loraforge.cli.options import SERVE_FLAGS, ConfigFlags, DatabaseUrl, Home, NoUpgrade, config_flags
 from loraforge.cli.output import console, show_adapters, show_keys
 from loraforge.errors import ConfigError
 from loraforge.home import resolve_home
@@ -35,10 +35,7 @@ def serve(
     worker: Annotated[
         bool, typer.Option("--worker", help="Also run a fine-tuning worker beside the server (one machine).")
     ] = False,
-    no_upgrade: Annotated[
-        bool,
-        typer.Option("--no-upgrade", help="Refuse a registry behind this version instead of upgrading its schema."),
-    ] = False,
+    no_upgrade: NoUpgrade = False,
     home: Home = None,
 ) -> None:
     """Serve the base model and the registered adapters behind an OpenAI-compatible API.
