@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 DEMO_HOME ?= $(CURDIR)/runs/demo-home
 DEMO_OUT ?= $(CURDIR)/runs/demo
 
-.PHONY: install demo test lint types pytest bench clean
+# llama-cpp-python builds llama.cpp from source (minutes): the wheel is kept per CPU (its build uses
+# the CPU's instruction set) and reused by later runs.
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS ?= $(HOME)/.cache/loraforge/wheels/$(shell grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-12)
+
+.PHONY: install llamacpp demo test lint types pytest bench clean
 
 install: $(STAMP)
 
@@ -23,6 +28,11 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+llamacpp: install
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip wheel --quiet --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEELS)
+	$(BIN)/pip install --quiet $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+
 demo: install
 	LORAFORGE_HOME=$(DEMO_HOME) DEMO_OUT=$(DEMO_OUT) $(BIN)/python -m loraforge.cli.demo
 
@@ -38,8 +48,9 @@ pytest: install
 
 test: lint types pytest
 
-bench: install
+bench: install llamacpp
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/llamacpp_compare.py
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache .mypy_cache .ruff_cache

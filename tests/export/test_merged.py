@@ -14,12 +14,6 @@ from loraforge.errors import ConfigError, ModelError
 from loraforge.export import merged as merged_module
 from loraforge.export.merged import export_merged
 from loraforge.files import sha256_file
-from tests.serve.conftest import make_adapter
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapters") / "support", seed=3, r=4)
 
 
 def _reference_logits(model_dir: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,21 @@ def resolve_base_model(name_or_dir: str, cache_dir: Path) -> BaseModel:
 GGUF_MAGIC = b"GGUF"
 
 
-def _resolve_packaged(name: str, spec: _Packaged, cache_dir: Path) -> BaseModel:
+def gguf_file_of(name: str) -> Path | None:
+    """The GGUF file a base model's weights came from (a packaged model's or a ``.gguf`` path), or
+    None for a Hugging Face model directory. Exports that llama.cpp reads start from this file: its
+    tokenizer and chat template, and the base weights an adapter-only GGUF is loaded beside.
+
+    Raises:
+        ModelError: a packaged model whose package is not installed.
+    """
+    if name in PACKAGED_MODELS:
+        return _packaged_file(name, PACKAGED_MODELS[name])
+    path = Path(name).expanduser()
+    return path.resolve() if path.is_file() else None
+
+
+def _packaged_file(name: str, spec: _Packaged) -> Path:
     found = importlib.util.find_spec(spec.module)
     locations = list(found.submodule_search_locations or []) if found else []
     gguf = next((Path(d) / spec.filename for d in locations if (Path(d) / spec.filename).is_file()), None)
@@ -135,7 +149,11 @@ def _resolve_packaged(name: str, spec: _Packaged, cache_dir: Path) -> BaseModel:
             f"base model {name!r} needs {spec.filename} from the package {spec.package}, which is not "
             f"installed; run: {spec.install}"
         )
-    return _resolve_gguf(gguf, name, cache_dir, "gguf-package")
+    return gguf
+
+
+def _resolve_packaged(name: str, spec: _Packaged, cache_dir: Path) -> BaseModel:
+    return _resolve_gguf(_packaged_file(name, spec), name, cache_dir, "gguf-package")
 
 
 def _resolve_gguf(gguf: Path, name: str, cache_dir: Path, source: str) -> BaseModel:
