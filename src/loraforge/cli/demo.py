@@ -4,7 +4,8 @@ Checks the bundled sample dataset, trains a LoRA adapter on SmolLM2-135M-Instruc
 and tuned answers on held-out questions, evaluates the adapter against the base model (every
 suite on smaller subsets than ``loraforge eval`` uses, ``DEMO_EVAL_ITEMS`` items per set) and
 applies the release gate, serves the adapter behind the OpenAI-compatible API and asks it one
-question with the ``openai`` SDK, and prints where everything is. Each step is the same
+question with the ``openai`` SDK, exports it (a merged model, and a LoRA GGUF for llama.cpp), and
+prints where everything is. Each step is the same
 public function the CLI calls; the equivalent commands are printed as it goes.
 """
 
@@ -127,6 +128,19 @@ def run(console: Console) -> int:
         highlight=False,
     )
 
+    console.print(Rule("7. export it for llama.cpp and Ollama: a LoRA GGUF beside the base GGUF"))
+    from loraforge.export.gguf import export_gguf
+
+    lora_gguf = output.parent / f"{output.name}-lora.gguf"
+    console.print(f"$ loraforge export gguf --adapter {output} --out {lora_gguf} --adapter-only")
+    gguf = export_gguf(output, lora_gguf, model_cache=cache, type="f16", adapter_only=True, replace=True)
+    console.print(
+        f"read back, applied to {gguf.base_gguf.name} and compared with the adapter: max logit difference "
+        f"{gguf.check.max_abs_logit_diff:.3g} (tolerance {gguf.check.tolerance:g}), top-1 agreement "
+        f"{gguf.check.top1_agreement:.1%}",
+        highlight=False,
+    )
+
     console.print(Rule("results"))
     manifest = read_manifest(output)
     console.print(f"base model:  {base.name} (sha256 {base.sha256[:16]}…, cached in {base.path})")
@@ -144,6 +158,7 @@ def run(console: Console) -> int:
     )
     console.print(f"evaluation:      {evaluation.html_path}")
     console.print(f"merged model:    {merged_dir} ({exported.bytes / 1e6:.0f} MB, bf16; loads with transformers alone)")
+    console.print(f"LoRA GGUF:       {lora_gguf} ({gguf.bytes / 1e6:.1f} MB; llama-cli -m {gguf.base_gguf} --lora …)")
     lic = manifest.licensing or {}
     decisions = ", ".join(f"{d['source']}: {d['license']} → {d['verdict']}" for d in lic["decisions"])
     console.print(
