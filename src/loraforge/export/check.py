@@ -9,12 +9,15 @@ where the format's tolerance is loose).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from loraforge.data.templates import render
+from loraforge.models.manifest import AdapterManifest
 
 CHECK_PROMPTS = (
     "What is your return policy?",
@@ -129,15 +132,37 @@ def compare(
     )
 
 
+def export_record(
+    kind: str, adapter: Path, manifest: AdapterManifest, check: ExportCheck, **fields: Any
+) -> dict[str, Any]:
+    """The manifest of an export: what it is, the adapter it came from with its whole lineage and
+    evaluation, the check, and the export's own ``fields`` (its format, files, …)."""
+    return {
+        "kind": kind,
+        "format_version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **fields,
+        "adapter": {
+            "path": str(adapter.resolve()),
+            "checksums": manifest.checksums,
+            "fingerprint": manifest.fingerprint,
+            "config": {k: manifest.config.get(k) for k in ("lora_r", "lora_alpha", "target_modules")},
+        },
+        "lineage": manifest.lineage(),
+        "evaluation": manifest.evaluation,
+        "check": check.to_json(),
+        "libraries": libraries(),
+    }
+
+
 def libraries() -> dict[str, str]:
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
-    import peft
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    found = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "gguf"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found

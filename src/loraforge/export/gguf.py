@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from loraforge.errors import ConfigError, ModelError
-from loraforge.export.check import ExportCheck, References, compare, libraries, logits, references
+from loraforge.export.check import ExportCheck, References, compare, export_record, logits, references
 from loraforge.export.llama_layout import (
     encode,
     field,
@@ -151,25 +151,16 @@ def export_gguf(
         if not check.passed:
             advice = ". Try --type q8_0, or --adapter-only beside the 4-bit base" if type == "q4_1" else ""
             raise ModelError(check.problem(what, type) + advice)
-        record = {
-            "kind": KIND[shape],
-            "format_version": 1,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "type": type,
-            "file": {"name": out.name, "sha256": sha256_file(written), "bytes": written.stat().st_size},
-            "base_gguf": {"path": str(base_file), "sha256": manifest.base_model.sha256},
-            "lora_alpha": alpha,
-            "adapter": {
-                "path": str(adapter.resolve()),
-                "checksums": manifest.checksums,
-                "fingerprint": manifest.fingerprint,
-                "config": {k: manifest.config.get(k) for k in ("lora_r", "lora_alpha", "target_modules")},
-            },
-            "lineage": manifest.lineage(),
-            "evaluation": manifest.evaluation,
-            "check": check.to_json(),
-            "libraries": {**libraries(), "gguf": _gguf_version()},
-        }
+        record = export_record(
+            KIND[shape],
+            adapter,
+            manifest,
+            check,
+            type=type,
+            file={"name": out.name, "sha256": sha256_file(written), "bytes": written.stat().st_size},
+            base_gguf={"path": str(base_file), "sha256": manifest.base_model.sha256},
+            lora_alpha=alpha,
+        )
         write_text_atomic(tmp / manifest_path(out).name, json.dumps(record, indent=2))
     return GgufExport(out, shape, type, check, base_file, out.stat().st_size, alpha)
 
@@ -236,6 +227,7 @@ def _writer(path: Path, kind: str, base: Any, lineage: dict[str, Any]) -> Any:
     tokenizer and chat template (an adapter has none: llama.cpp takes them from the base)."""
     from gguf import GGUFWriter
 
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its info lines (endianness, file list) are noise here
     writer = GGUFWriter(str(path), "llama")
     writer.add_type(kind)
     skip = {"general.architecture", "general.type", "general.file_type", "general.quantization_version"}
@@ -435,9 +427,3 @@ def _staging(out: Path) -> Iterator[Path]:
         os.replace(tmp / out.name, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _gguf_version() -> str:
-    from importlib.metadata import version
-
-    return version("gguf")

@@ -12,7 +12,6 @@ when the check passes.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from loraforge.errors import ConfigError, ModelError
-from loraforge.export.check import ExportCheck, compare, libraries, logits, references
+from loraforge.export.check import ExportCheck, compare, export_record, logits, references
 from loraforge.files import atomic_directory, sha256_file, write_text_atomic
 from loraforge.models.generate import load_chat_model
 from loraforge.models.manifest import read_manifest
@@ -68,23 +67,7 @@ def export_merged(
         if not check.passed:
             raise ModelError(check.problem("the merged model", dtype) + ". Try --dtype fp32")
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        record = {
-            "kind": KIND,
-            "format_version": 1,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dtype": dtype,
-            "adapter": {
-                "path": str(adapter.resolve()),
-                "checksums": manifest.checksums,
-                "fingerprint": manifest.fingerprint,
-                "config": {k: manifest.config.get(k) for k in ("lora_r", "lora_alpha", "target_modules")},
-            },
-            "lineage": manifest.lineage(),
-            "evaluation": manifest.evaluation,
-            "check": check.to_json(),
-            "files": files,
-            "libraries": libraries(),
-        }
+        record = export_record(KIND, adapter, manifest, check, dtype=dtype, files=files)
         write_text_atomic(tmp / "manifest.json", json.dumps(record, indent=2))
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return MergedExport(out, dtype, check, size)
