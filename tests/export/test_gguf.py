@@ -49,7 +49,9 @@ def test_the_merged_gguf_loads_in_plain_transformers_and_equals_the_adapter(
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     assert fields["general.type"] == "model" and fields["general.architecture"] == "llama"
     assert "{% for message in messages %}" in fields["tokenizer.chat_template"]  # the chat template travels
-    assert json.loads(fields["loraforge.lineage"])["base_model"]["sha256"]
+    inside = json.loads(fields["loraforge.lineage"])  # what identifies it; no dataset paths or evidence
+    assert set(inside) == {"adapter_fingerprint", "adapter_checksums", "base_model_sha256"}
+    assert inside["base_model_sha256"] == json.loads((adapter / "manifest.json").read_text())["base_model"]["sha256"]
     record = json.loads(manifest_path(out).read_text())
     assert record["kind"] == "loraforge.gguf_model" and record["type"] == "f32" and record["check"]["passed"]
     assert record["file"]["sha256"] == sha256_file(out)
@@ -143,6 +145,8 @@ def test_bad_requests_are_refused_and_a_failed_check_leaves_nothing(
         export_gguf(adapter, out, model_cache=cache, type="f16", base_gguf=tiny_gguf)
     assert not out.exists() and not manifest_path(out).exists() and not list(tmp_path.glob(".tmp-*"))
     monkeypatch.undo()
+    with pytest.raises(ConfigError, match="is a directory; --out is the GGUF file to write"):
+        export_gguf(adapter, tmp_path, model_cache=cache, base_gguf=tiny_gguf)
     out.write_bytes(b"")
     with pytest.raises(ConfigError, match="already exists; choose another --out or pass --replace"):
         export_gguf(adapter, out, model_cache=cache, base_gguf=tiny_gguf)

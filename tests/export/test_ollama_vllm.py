@@ -44,6 +44,8 @@ def test_the_ollama_directory_holds_a_modelfile_the_base_and_the_checked_adapter
     assert "You are a helpful AI assistant named SmolLM" in template
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "loraforge.ollama_model" and manifest["commands"][0] == done.create_command
+    with pytest.raises(ConfigError, match="cannot be an Ollama model name"):
+        export_ollama(adapter, tmp_path / "o2", model_cache=tmp_path / "c", base_gguf=tiny_gguf, name="Bad\nFROM x")
     assert manifest["adapter_gguf"]["check"]["passed"] and manifest["files"]["Modelfile"] == sha256_file(
         out / "Modelfile"
     )
@@ -83,6 +85,7 @@ def test_the_vllm_directory_serves_the_adapters_with_vllms_options(
     done = export_vllm({"support": adapter, "faq": other}, out, model_cache=tmp_path / "c")
     assert done.max_lora_rank == 16 and done.max_lora_rank in VLLM_MAX_LORA_RANKS
     script = (out / "serve.sh").read_text()
+    assert (out / "serve.sh").stat().st_mode & 0o777 == 0o700  # runnable by its owner, as printed
     command = shlex.split(script.splitlines()[-1])
     assert command[:4] == ["exec", "vllm", "serve", "base"] and command[-1] == "$@"
     options = [c for c in command if c.startswith("--")]

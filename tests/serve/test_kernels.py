@@ -121,3 +121,28 @@ def test_a_build_lock_left_by_a_killed_build_is_cleared(tmp_path: Path) -> None:
     old = time.time() - STALE_LOCK_S - 5
     os.utime(lock, (old, old))
     assert clear_stale_lock(lock) and not lock.exists()
+
+
+def test_a_fresh_lock_of_a_killed_build_is_cleared_under_our_own_lock(tmp_path: Path) -> None:
+    """Holding the build directory's flock proves that no live loraforge build runs, so PyTorch's
+    lock file is stale however young it is (a build killed a minute ago would hang every start)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from loraforge.serve.kernels import exclusive_build
+
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "lock").write_text("")
+    with exclusive_build(build):
+        assert not (build / "lock").exists()
+        # while it is held, another process cannot take it
+        probe = (
+            "import fcntl, sys; f = open(sys.argv[1], 'a')\n"
+            "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)"
+        )
+        held = subprocess.run([sys.executable, "-c", probe, str(build / ".loraforge-build.flock")], timeout=30)
+        assert held.returncode == 3
+    with open(build / ".loraforge-build.flock", "a") as f:  # released afterwards
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -92,7 +93,8 @@ def export_gguf(
         f"(tolerance {check.tolerance:g}), top-1 agreement {check.top1_agreement:.1%}; manifest {done.manifest_path}",
         highlight=False,
     )
-    run_it = f"llama-cli -m {done.base_gguf} --lora {done.out}" if adapter_only else f"llama-cli -m {done.out}"
+    model, lora = shlex.quote(str(done.base_gguf)), shlex.quote(str(done.out))
+    run_it = f"llama-cli -m {model} --lora {lora}" if adapter_only else f"llama-cli -m {lora}"
     console.print(f"[dim]run it: {run_it}[/]", highlight=False)
 
 
@@ -169,7 +171,7 @@ def export_vllm(
         f"on a GPU machine with vLLM: {done.out / 'serve.sh'}",
         highlight=False,
     )
-    console.print(f"[dim]cd {done.out} && {' '.join(done.command)}[/]", highlight=False)
+    console.print(f"[dim]cd {shlex.quote(str(done.out))} && {shlex.join(done.command)}[/]", highlight=False)
 
 
 def _named_adapters(items: list[str], home: Path, database_url: str | None) -> dict[str, Path]:
@@ -195,7 +197,8 @@ def _named_adapters(items: list[str], home: Path, database_url: str | None) -> d
             name, path = name or given, store.path(given)
         if not valid_name(name.removeprefix("ft:")):
             raise ConfigError(f"{name!r} cannot be a served adapter name; use NAME=DIR with letters, digits, -, _ or .")
-        if name in chosen:
-            raise ConfigError(f"the adapter name {name!r} is given twice")
-        chosen[name.replace(":", "-")] = path
+        served = name.replace(":", "-")
+        if served in chosen:
+            raise ConfigError(f"the adapter name {served!r} is given twice")
+        chosen[served] = path
     return chosen

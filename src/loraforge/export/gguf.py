@@ -121,6 +121,8 @@ def export_gguf(
     if type not in allowed:
         shape = "an adapter-only GGUF" if adapter_only else "a merged GGUF"
         raise ConfigError(f"--type must be one of {', '.join(allowed)} for {shape}, got {type!r}")
+    if out.is_dir():
+        raise ConfigError(f"{out} is a directory; --out is the GGUF file to write")
     if out.exists() and not replace:
         raise ConfigError(f"{out} already exists; choose another --out or pass --replace")
     manifest = read_manifest(adapter)
@@ -134,7 +136,13 @@ def export_gguf(
     _check_base_gguf(base_reader, base_file, config)
     ref = references(chat.model, chat.tokenizer)
     shape = "adapter" if adapter_only else "merged"
-    lineage = {"adapter_fingerprint": manifest.fingerprint, **manifest.lineage()}
+    # inside the file only what identifies it (files are shared: no dataset paths or evidence); the
+    # whole lineage is in the manifest beside it
+    lineage = {
+        "adapter_fingerprint": manifest.fingerprint,
+        "adapter_checksums": manifest.checksums,
+        "base_model_sha256": manifest.base_model.sha256,
+    }
     with _staging(out) as tmp:
         written = tmp / out.name
         alpha: float | None = None
@@ -230,7 +238,13 @@ def _writer(path: Path, kind: str, base: Any, lineage: dict[str, Any]) -> Any:
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its info lines (endianness, file list) are noise here
     writer = GGUFWriter(str(path), "llama")
     writer.add_type(kind)
-    skip = {"general.architecture", "general.type", "general.file_type", "general.quantization_version"}
+    skip = {
+        "general.architecture",
+        "general.type",
+        "general.file_type",
+        "general.quantization_version",
+        "general.alignment",  # the writer pads to its own alignment
+    }
     copied = ("general.", "tokenizer.") if kind == "model" else ("general.",)
     for key, value in base.fields.items():
         if key in skip or not key.startswith(copied):
@@ -328,6 +342,11 @@ def _lora_layers(peft_model: Any) -> list[_LoraLayer]:
             )
         if getattr(module, "lora_bias", {}).get("default"):
             raise ModelError(f"{where} has a LoRA bias, which llama.cpp's LoRA format cannot hold; export it merged")
+        if where == "lm_head" and getattr(peft_model.get_base_model().config, "tie_word_embeddings", False):
+            raise ModelError(
+                "the adapter adapts lm_head, which this base ties to its token embeddings: llama.cpp has no "
+                "separate output tensor to apply it to. Export it merged (`export gguf` without --adapter-only)"
+            )
         weight_a: Any = module.lora_A["default"].weight
         weight_b: Any = module.lora_B["default"].weight
         a = weight_a.detach().float().cpu().numpy()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from loraforge.models.manifest import read_manifest
 from loraforge.models.sources import load_tokenizer, resolve_base_model
 
 KIND = "loraforge.ollama_model"
+OLLAMA_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}(:[a-z0-9][a-z0-9._-]{0,79})?")
 START, END = "<|im_start|>", "<|im_end|>"
 # Conversations the translated template must render exactly as the Jinja template does.
 PROBES: tuple[list[dict[str, str]], ...] = (
@@ -79,11 +81,10 @@ def ollama_template(tokenizer: Any) -> tuple[str, list[str]]:
                 "the Ollama template translated from the base model's chat template renders a conversation "
                 f"differently ({got!r} against {want!r}); write the Modelfile's TEMPLATE by hand"
             )
-    system = (
-        "{{- if .System }}" + START + "system\n{{ .System }}" + END + "\n"
-        + ("{{ else }}" + START + "system\n" + _go_literal(default_system) + END + "\n" if default_system else "")
-        + "{{ end }}"
-    )  # fmt: skip
+    fallback = (
+        "" if default_system is None else "{{ else }}" + START + "system\n" + _go_literal(default_system) + END + "\n"
+    )
+    system = "{{- if .System }}" + START + "system\n{{ .System }}" + END + "\n" + fallback + "{{ end }}"
     turns = (
         "{{- range .Messages }}"
         "{{- if eq .Role \"user\" }}" + START + "user\n{{ .Content }}" + END + "\n"
@@ -92,6 +93,10 @@ def ollama_template(tokenizer: Any) -> tuple[str, list[str]]:
         "{{- end }}" + START + "assistant\n"
     )  # fmt: skip
     stops = [END] + [t for t in (tokenizer.eos_token,) if t and t != END]
+    if '"""' in system or any('"' in stop or "\n" in stop for stop in stops):
+        raise ModelError(
+            "the chat template's default system prompt or stop tokens hold quotes a Modelfile cannot carry"
+        )
     return system + turns, stops
 
 
@@ -102,10 +107,11 @@ def _go_literal(text: str) -> str:
 
 def _render_go_chatml(messages: list[dict[str, str]], default_system: str | None) -> str:
     """What the template :func:`ollama_template` writes renders to in Ollama for ``messages``: the
-    system message as ``.System`` (or the default), user and assistant turns from ``.Messages``, and
-    the generation prompt."""
+    system messages as ``.System`` (Ollama joins several with a blank line; or the default), user and
+    assistant turns from ``.Messages``, and the generation prompt. (Ollama also merges consecutive
+    messages of one role; the probes, like chat clients, alternate.)"""
     systems = [m["content"] for m in messages if m["role"] == "system"]
-    system = systems[-1] if systems else default_system
+    system = "\n\n".join(systems) if systems else default_system
     out = f"{START}system\n{system}{END}\n" if system is not None else ""
     for m in messages:
         if m["role"] in ("user", "assistant"):
@@ -143,6 +149,11 @@ def export_ollama(
     tokenizer = load_tokenizer(resolve_base_model(manifest.base_model.name, model_cache))
     template, stops = ollama_template(tokenizer)  # before the long work: a template we cannot write stops here
     model_name = name or _model_name(adapter)
+    if not OLLAMA_NAME.fullmatch(model_name):
+        raise ConfigError(
+            f"{model_name!r} cannot be an Ollama model name: use lowercase letters, digits, '-', '_' and '.', "
+            "optionally with a :tag"
+        )
     with atomic_directory(out, replace=replace) as tmp:
         lora = export_gguf(
             adapter, tmp / "adapter.gguf", model_cache=model_cache, type=type, adapter_only=True, base_gguf=base_gguf
@@ -157,7 +168,7 @@ def export_ollama(
             *(f'PARAMETER stop "{s}"' for s in stops),
         ]
         write_text_atomic(tmp / "Modelfile", "\n".join(lines) + "\n")
-        create = f"ollama create {model_name} -f {out / 'Modelfile'}"
+        create = f"ollama create {model_name} -f {shlex.quote(str(out / 'Modelfile'))}"
         record = {
             "kind": KIND,
             "format_version": 1,

@@ -127,7 +127,6 @@ def export_vllm(
             f'exec {shlex.join(command)} "$@"\n'
         )
         write_text_atomic(tmp / "serve.sh", script)
-        (tmp / "serve.sh").chmod(0o700)
         record = {
             "kind": KIND,
             "format_version": 1,
@@ -146,4 +145,5 @@ def export_vllm(
             },
         }
         write_text_atomic(tmp / "manifest.json", json.dumps(record, indent=2))
+    (out / "serve.sh").chmod(0o700)  # the directory's files are made private (0600) as it is renamed
     return VllmExport(out, command, max_rank)

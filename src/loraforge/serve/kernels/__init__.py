@@ -16,10 +16,13 @@ so in the log and uses those operations instead.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,22 @@ def clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def exclusive_build(build: Path) -> Iterator[None]:
+    """Hold the build directory against other loraforge processes while building or loading.
+
+    PyTorch marks a build with a ``lock`` file that it waits on forever, and a process killed while
+    building leaves it behind. Our own lock is an ``flock``, which the kernel releases when its
+    holder dies: whoever holds it knows that no live build is running, so a ``lock`` file still
+    there was left by a killed one and is removed, however young it is.
+    """
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / ".loraforge-build.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        clear_stale_lock(build / "lock", max_age_s=0.0)
+        yield
+
+
 def load_kernels() -> Any | None:
     """The compiled module, or ``None`` where it cannot be built or is wrong."""
     if "native" in _LOADED:
@@ -72,16 +91,15 @@ def load_kernels() -> Any | None:
             digest = hashlib.sha256(text + repr((FLAGS, torch.__version__)).encode()).hexdigest()
             name = f"loraforge_kernels_{digest[:12]}"
             build = Path(get_default_build_root()) / "loraforge" / name
-            build.mkdir(parents=True, exist_ok=True)
-            clear_stale_lock(build / "lock")
-            module = load(
-                name=name,
-                build_directory=str(build),
-                sources=[str(source) for source in SOURCES],
-                extra_cflags=FLAGS,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            with exclusive_build(build):
+                module = load(
+                    name=name,
+                    build_directory=str(build),
+                    sources=[str(source) for source in SOURCES],
+                    extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
             if not (_lora_agrees(module) and _blocks_agree(module) and _norm_agrees(module)):
                 log.warning("the native kernels disagree with PyTorch here; using PyTorch operations")
                 module = None
