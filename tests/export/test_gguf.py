@@ -137,6 +137,10 @@ def test_bad_requests_are_refused_and_a_failed_check_leaves_nothing(
         export_gguf(adapter, out, model_cache=cache, type="q8_0", adapter_only=True, base_gguf=tiny_gguf)
     with pytest.raises(ConfigError, match=r"is a Hugging Face directory, not a GGUF.*--base-gguf FILE"):
         export_gguf(adapter, out, model_cache=cache)
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello")
+    with pytest.raises(ModelError, match=r"notes\.gguf is not a GGUF file \(it does not start with 'GGUF'\)"):
+        export_gguf(adapter, out, model_cache=cache, base_gguf=not_gguf)
     packaged = gguf_file_of(DEFAULT_BASE_MODEL)
     with pytest.raises(ModelError, match=r"is not the GGUF of this adapter's base model: llama.block_count is 30"):
         export_gguf(adapter, out, model_cache=cache, base_gguf=packaged)

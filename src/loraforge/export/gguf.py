@@ -50,6 +50,7 @@ from loraforge.export.llama_layout import (
     gguf_name,
     heads,
     name_map,
+    open_gguf,
     permute,
     read_adapter_gguf,
     read_model_gguf,
@@ -130,9 +131,7 @@ def export_gguf(
     chat = load_chat_model(model_cache, adapter=adapter)  # refuses other base weights than the adapter's
     config = chat.model.get_base_model().config
     _check_architecture(config)
-    from gguf import GGUFReader
-
-    base_reader = GGUFReader(str(base_file))
+    base_reader = open_gguf(base_file)
     _check_base_gguf(base_reader, base_file, config)
     ref = references(chat.model, chat.tokenizer)
     shape = "adapter" if adapter_only else "merged"

@@ -13,6 +13,23 @@ import torch
 from loraforge.errors import ModelError
 
 
+def open_gguf(path: Path) -> Any:
+    """A ``GGUFReader`` of ``path``, or a ModelError that names the file (the reader's own errors
+    are numpy's, about array views)."""
+    from gguf import GGUFReader
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+        return GGUFReader(str(path))
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from e
+    except (ValueError, KeyError, IndexError) as e:
+        raise ModelError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
 def field(reader: Any, key: str) -> Any:
     field = reader.fields.get(key)
     return None if field is None else field.contents()
@@ -67,9 +84,9 @@ def encode(data: np.ndarray, type: str) -> tuple[np.ndarray, Any]:
 def read_adapter_gguf(path: Path, config: Any) -> dict[str, torch.Tensor]:
     """The weight deltas a GGUF LoRA adapter applies, by Hugging Face parameter name (as llama.cpp
     applies them: ``alpha / rank × B @ A``, or ``B @ A`` when the file's alpha is 0)."""
-    from gguf import GGUFReader, Keys, quants
+    from gguf import Keys, quants
 
-    reader = GGUFReader(str(path))
+    reader = open_gguf(path)
     alpha = float(field(reader, Keys.Adapter.LORA_ALPHA) or 0.0)
     to_hf = hf_names_of(config)
     tensors = {t.name: t for t in reader.tensors}
