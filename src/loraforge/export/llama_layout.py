@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from loraforge.errors import ModelError
+from loraforge.models.sources import GGUF_MAGIC
 
 
 def open_gguf(path: Path) -> Any:
@@ -21,7 +22,7 @@ def open_gguf(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
-        if magic != b"GGUF":
+        if magic != GGUF_MAGIC:
             raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
         return GGUFReader(str(path))
     except OSError as e:
