@@ -7,9 +7,12 @@ DEMO_HOME ?= $(CURDIR)/runs/demo-home
 DEMO_OUT ?= $(CURDIR)/runs/demo
 
 # llama-cpp-python builds llama.cpp from source (minutes): the wheel is kept per CPU (its build uses
-# the CPU's instruction set) and reused by later runs.
+# the CPU's instruction set) and reused by later runs. It is built without ggml's AMX backend: on
+# AMX machines that backend repacks Q4/Q8 weights and crashes in ggml_backend_amx_mul_mat at the
+# first decode (ggml-org/llama.cpp#20824, not fixed upstream); the AVX-512/AVX2 kernels are kept.
 LLAMA_CPP_VERSION := 0.3.36
-WHEELS ?= $(HOME)/.cache/loraforge/wheels/$(shell grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-12)
+LLAMA_CPP_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+WHEELS ?= $(HOME)/.cache/loraforge/wheels/$(shell grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-12)-noamx
 
 .PHONY: install llamacpp demo test lint types pytest bench clean
 
@@ -30,8 +33,9 @@ $(STAMP): pyproject.toml Makefile
 
 llamacpp: install
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
-		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip wheel --quiet --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEELS)
-	$(BIN)/pip install --quiet $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+		CFLAGS="$(LLAMA_CPP_FLAGS)" CXXFLAGS="$(LLAMA_CPP_FLAGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip wheel --quiet --no-cache-dir --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEELS)
+	$(BIN)/pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 
 demo: install
 	LORAFORGE_HOME=$(DEMO_HOME) DEMO_OUT=$(DEMO_OUT) $(BIN)/python -m loraforge.cli.demo
