@@ -10,6 +10,7 @@
     ├── AuditError (RuntimeError)  the audit log cannot be written: its key, or a last line that is no record
     ├── RequestError (ValueError)  a file or job request that cannot be accepted; names the field (``param``)
     ├── NotFoundError (LookupError)  no such file, job or model for this tenant (another tenant's looks the same)
+    ├── ReleaseError               a release step refused: a role, separation of duties, a state, a gate
     └── RemoteError (RuntimeError)  a server the CLI speaks to refused a request or cannot be reached
 
 Each message says what was received, where, and what to do about it. The CLI prints the
@@ -80,3 +81,16 @@ class RemoteError(LoraforgeError, RuntimeError):
         super().__init__(message)
         self.status = status
         self.param = param
+
+
+class ReleaseError(LoraforgeError):
+    """A release step (approve, reject, deploy, rollback, retire) refused, with the HTTP status it maps to.
+
+    ``status`` is 403 (the key's role or separation of duties), 404 (no such adapter or route for
+    this key), 409 (the adapter's state does not allow it) or 400 (a reason or override missing).
+    """
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

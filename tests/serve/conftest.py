@@ -16,9 +16,17 @@ import torch
 
 
 def make_adapter(
-    model_dir: Path, out: Path, *, seed: int, r: int = 8, scale: float = 0.5, targets: str | list[str] = "all-linear"
+    model_dir: Path,
+    out: Path,
+    *,
+    seed: int,
+    r: int = 8,
+    scale: float = 0.5,
+    targets: str | list[str] = "all-linear",
+    verdict: str | None = None,
 ) -> Path:
-    """A random (untrained) LoRA adapter on ``model_dir`` with a manifest, as `loraforge train` writes it."""
+    """A random (untrained) LoRA adapter on ``model_dir`` with a manifest, as `loraforge train` writes it
+    (and, with ``verdict``, as `loraforge eval` leaves it: its release gate's verdict recorded)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -41,6 +49,8 @@ def make_adapter(
         "governance_flags": [],
         "checksums": {n: sha256_file(out / n) for n in ("adapter_config.json", "adapter_model.safetensors")},
     }
+    if verdict:
+        manifest["evaluation"] = {"verdict": verdict, "policy": {"max_regression": 0.02}, "headline": {}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 

@@ -2,7 +2,8 @@
 
 This package registers the commands; each group lives in its own module (``data``, ``train``,
 ``generate``, ``evaluate`` for ``eval``, ``serve`` for serve, keys and adapters, ``audit``, ``jobs`` for
-the worker and the registry, ``client`` for ``files`` and ``jobs`` against a running server, ``export``), the
+the worker and the registry, ``client`` for ``files`` and ``jobs`` against a running server, ``export``,
+``release`` for approve, reject, retire, deploy, rollback and ``release``), the
 rendering in ``output`` and the options shared or generated from config dataclasses in ``options``.
 """
 
@@ -13,7 +14,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from loraforge.cli import audit, client, data, evaluate, export, generate, jobs, serve, train
+from loraforge.cli import audit, client, data, evaluate, export, generate, jobs, release, serve, train
 from loraforge.cli.output import err_console
 from loraforge.errors import LoraforgeError
 
@@ -37,6 +38,13 @@ app.add_typer(jobs.registry_app, name="registry")
 app.add_typer(client.files_app, name="files")
 app.add_typer(client.jobs_app, name="jobs")
 app.add_typer(export.export_app, name="export")
+app.command("approve")(release.approve)
+app.command("reject")(release.reject)
+app.command("retire")(release.retire)
+app.command("deploy")(release.deploy)
+app.command("rollback")(release.rollback)
+app.command("report")(release.report)
+app.add_typer(release.release_app, name="release")
 
 
 def main() -> None:

@@ -3,8 +3,9 @@
 Checks the bundled sample dataset, trains a LoRA adapter on SmolLM2-135M-Instruct, compares base
 and tuned answers on held-out questions, evaluates the adapter against the base model (every
 suite on smaller subsets than ``loraforge eval`` uses, ``DEMO_EVAL_ITEMS`` items per set) and
-applies the release gate, serves the adapter behind the OpenAI-compatible API and asks it one
-question with the ``openai`` SDK, exports it (a merged model, and a LoRA GGUF for llama.cpp), and
+applies the release gate, releases it (registered, approved by another person's key, deployed on a
+route, its model card and compliance report written), asks the route one question with the
+``openai`` SDK and a production key, exports it (a merged model, and a LoRA GGUF for llama.cpp), and
 prints where everything is. Each step is the same
 public function the CLI calls; the equivalent commands are printed as it goes.
 """
@@ -27,7 +28,6 @@ SAMPLES = Path(__file__).parents[1] / "samples"
 
 
 def run(console: Console) -> int:
-    from loraforge.cli.demo_serve import ADAPTER_NAME
     from loraforge.cli.output import VERDICT_COLOUR, show_data_report, show_governance, show_licensing
     from loraforge.cli.train_progress import RichReporter
     from loraforge.data.datasheet import build_datasheet, write_datasheet
@@ -101,11 +101,11 @@ def run(console: Console) -> int:
     )
     show_evaluation(console, evaluation)
 
-    console.print(Rule("5. serve it behind the OpenAI-compatible API and ask with the openai SDK"))
+    console.print(Rule("5. release it (approve, deploy on a route, document) and ask the route with the openai SDK"))
     from loraforge.cli.demo_serve import serve_demo
 
     first = picks[0]
-    server_log = serve_demo(
+    released = serve_demo(
         console,
         output,
         home,
@@ -165,11 +165,17 @@ def run(console: Console) -> int:
         f"licences:        {decisions} "
         f"(policy {lic['policy']['name']}); PII action: {(manifest.data_governance or {})['pii']['action']}"
     )
-    console.print(f"server log:      {server_log}")
+    console.print(f"release:         route {released.route} → {released.adapter} (approved, deployed)")
+    console.print(f"model card:      {released.report / 'model_card.html'}")
+    console.print(
+        f"compliance:      {released.report / 'compliance.html'} ({released.open_items} open item(s), "
+        "each under the controls it would support)"
+    )
+    console.print(f"server log:      {released.server_log}")
     console.print(f"home:            {home} (the registry: adapters, key hashes, usage; the audit log)")
     cli = Path(sys.executable).parent / "loraforge"
     console.print(f'try it:          {cli} generate --adapter {output} --prompt "Can I return a bike?"')
-    console.print(f"serve it:        {cli} serve --home {home}   (then any OpenAI client, model {ADAPTER_NAME!r})")
+    console.print(f"serve it:        {cli} serve --home {home}   (then any OpenAI client, model {released.route!r})")
     del result
     return 0
 

@@ -1,21 +1,34 @@
-"""The demo's last step: register the adapter, start the server, ask it one question with the
-official ``openai`` SDK, print the answer, and stop the server."""
+"""The demo's release and serving step: register the adapter, have another person's key approve it,
+deploy it on a route, write its model card and compliance report, start the server, ask the route
+one question with the official ``openai`` SDK and a production key, print the answer, and stop."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from loraforge.errors import LoraforgeError
 
-ADAPTER_NAME = "support-demo"
+ADAPTER_PREFIX = "support-demo"
+ROUTE = "support-bot"
 TENANT = "demo"
+
+
+@dataclass(frozen=True)
+class Released:
+    adapter: str  # the registered name (one per run: approved weights are never replaced)
+    route: str
+    report: Path  # the directory of the model card and compliance report
+    server_log: Path
+    open_items: int
 
 
 def _free_port() -> int:
@@ -24,29 +37,69 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_demo(console: Console, adapter: Path, home: Path, question: str, system: str | None) -> Path:
-    """Returns the server's log file."""
+def serve_demo(console: Console, adapter: Path, home: Path, question: str, system: str | None) -> Released:
+    """Release the adapter (register, approve, deploy, document) and ask its route one question."""
     import logging
 
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per HTTP request in the demo
 
-    from loraforge.govern.audit import AuditLog
+    from loraforge.govern.audit_witness import RegistryWitness, audit_log
+    from loraforge.govern.deploy import Deployments
+    from loraforge.govern.release import Release, creator
+    from loraforge.govern.reports import gather, write_documents
     from loraforge.serve.adapters import AdapterStore
+    from loraforge.serve.home_registry import home_registry
     from loraforge.serve.keys import KeyStore
 
     cli = Path(sys.executable).parent / "loraforge"
-    console.print(f"$ loraforge adapters add {adapter} --name {ADAPTER_NAME} --tenant {TENANT} --replace")
-    audit = AuditLog(home)
-    with audit.action("demo", "adapter.add", ADAPTER_NAME, tenant=TENANT, directory=str(adapter)) as act:
-        reg = AdapterStore(home).add(adapter, ADAPTER_NAME, tenant=TENANT, replace=True)
+    registry = home_registry(home)
+    audit = audit_log(home, registry)
+    name = f"{ADAPTER_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"$ loraforge adapters add {adapter} --name {name} --tenant {TENANT}")
+    with audit.action("demo", "adapter.add", name, tenant=TENANT, directory=str(adapter)) as act:
+        reg = AdapterStore(home, registry=registry).add(
+            adapter, name, tenant=TENANT, created_by=creator(None, "cli:demo")
+        )
         act.outcome["sha256"] = reg.weights_sha256
-    console.print(f"$ loraforge keys create --tenant {TENANT}")
-    keys = KeyStore(home)
-    with audit.action("demo", "key.create", f"tenant:{TENANT}", role="user") as act:
-        key, record = keys.create(TENANT)
-        act.outcome["key_id"] = record.id  # never the key itself
+    console.print(f"registered {name}: state {reg.state}")
+    keys = KeyStore(home, registry)
+    made = []
+    for role, owner, environment in (
+        ("approver", "demo-approver", "development"),
+        ("admin", "demo-admin", "development"),
+        ("user", None, "production"),
+    ):
+        flags = f" --owner {owner}" if owner else ""
+        flags += " --production" if environment == "production" else ""
+        console.print(f"$ loraforge keys create --tenant {TENANT} --role {role}{flags}")
+        with audit.action("demo", "key.create", f"tenant:{TENANT}", role=role, environment=environment) as act:
+            made.append(keys.create(TENANT, role, owner=owner, environment=environment))
+            act.outcome["key_id"] = made[-1][1].id  # never the key itself
+    (_, approver), (_, admin), (key, _) = made
+    release = Release(registry, audit)
+    verdict = release.status(admin, name)["verdict"]
+    override = None
+    if verdict != "PASS":
+        # the demo's gate runs on small subsets; a person would read the report before overriding
+        override = f"demo run: the gate's verdict is {verdict} on the demo's small subsets; not for production"
+    console.print(
+        f"$ LORAFORGE_API_KEY=<approver's key> loraforge approve {name}" + (" --override '…'" if override else "")
+    )
+    step = release.approve(approver, name, reason="demo: evaluation report read", override=override)
+    console.print(f"{name}: {step.state}" + (f" (override: {override})" if override else ""))
+    console.print(f"$ LORAFORGE_API_KEY=<admin's key> loraforge deploy {ROUTE} {name}")
+    binding = Deployments(registry, audit).deploy(admin, ROUTE, name, reason="demo release")
+    console.print(f"route {ROUTE} → {binding.adapter} (deployment {binding.deployment}); {name}: deployed")
+    report_dir = adapter.parent / "release"
+    console.print(f"$ loraforge report {name} --out {report_dir}")
+    facts = gather(registry, name, audit=audit, witness=RegistryWitness(registry, audit.path).head())
+    write_documents(facts, report_dir)
+    open_items = [e for e in json.loads((report_dir / "compliance.json").read_text())["open_items"]]
+    console.print(
+        f"model card and compliance report written; open items: {', '.join(o['id'] for o in open_items) or 'none'}"
+    )
     port = _free_port()
     log_path = home / "serve-demo.log"
     console.print(f"$ loraforge serve --port {port}")
@@ -73,16 +126,21 @@ def serve_demo(console: Console, adapter: Path, home: Path, question: str, syste
 
         client = OpenAI(base_url=url + "/v1", api_key=key)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-        console.print(f'>>> OpenAI(base_url="{url}/v1", api_key=…).chat.completions.create(model="{ADAPTER_NAME}", …)')
+        console.print(
+            f'>>> OpenAI(base_url="{url}/v1", api_key=<production key>).chat.completions.create(model="{ROUTE}", …)'
+        )
         reply = client.chat.completions.create(
-            model=ADAPTER_NAME,
+            model=ROUTE,
             messages=messages,  # type: ignore[arg-type]
             max_tokens=80,
             temperature=0,
         )
         usage = httpx.get(url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
         console.print(f"[bold]Q:[/] {question}")
-        console.print(f"[bold green]A ({ADAPTER_NAME}):[/] {reply.choices[0].message.content}", highlight=False)
+        console.print(
+            f"[bold green]A ({ROUTE}, answered by {reply.system_fingerprint}):[/] {reply.choices[0].message.content}",
+            highlight=False,
+        )
         assert reply.usage is not None
         console.print(
             f"[dim]{reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens; "
@@ -91,8 +149,9 @@ def serve_demo(console: Console, adapter: Path, home: Path, question: str, syste
         )
     finally:
         server.terminate()
-        server.wait(timeout=30)
-        with audit.action("demo", "key.revoke", record.id, tenant=TENANT):
-            keys.revoke(record.id)
-    console.print("server stopped; the demo key is revoked")
+        for _, made_record in made:
+            with audit.action("demo", "key.revoke", made_record.id, tenant=TENANT):
+                keys.revoke(made_record.id)
+    console.print("server stopped; the demo keys are revoked")
+    return Released(name, ROUTE, report_dir, log_path, len(open_items))
     return log_path

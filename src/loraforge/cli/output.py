@@ -183,20 +183,23 @@ def _when(ts: float | None) -> str:
 
 def show_keys(console: Console, records: list[KeyRecord]) -> None:
     """The API keys: ids, tenants, roles and dates (never the keys)."""
-    table = Table("id", "tenant", "role", "created", "revoked")
+    table = Table("id", "tenant", "role", "owner", "environment", "created", "revoked")
     for r in records:
-        table.add_row(r.id, r.tenant, r.role, _when(r.created_at), _when(r.revoked_at))
+        role = r.role + (" (all tenants)" if r.all_tenants else "")
+        table.add_row(r.id, r.tenant, role, r.owner or "-", r.environment, _when(r.created_at), _when(r.revoked_at))
     console.print(table)
 
 
 def show_adapters(console: Console, registrations: list[Registration]) -> None:
     """The registered adapters, their owners and their governance notes."""
-    table = Table("name", "owner", "base model", "weights sha256", "added", "governance")
+    table = Table("name", "owner", "state", "base model", "weights sha256", "added", "governance")
     for r in registrations:
         notes = [*r.governance_flags, *([f"override: {r.governance_override}"] if r.governance_override else [])]
+        notes += [f"approved over a failed gate: {r.release_override}"] if r.release_override else []
         table.add_row(
             r.name,
             "public" if r.public else r.tenant or "",
+            r.state,
             r.base_model,
             r.weights_sha256[:12],
             _when(r.added_at),

@@ -75,24 +75,44 @@ def _registry(home: Path, url: str | None) -> Registry:
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")],
-    role: Annotated[str, typer.Option(help="user, or admin (admin endpoints for its tenant's adapters).")] = "user",
+    role: Annotated[
+        str,
+        typer.Option(
+            help="user (or developer): models, files and jobs; approver: approves releases; "
+            "auditor: reads reports and logs; admin: deploys and manages its tenant's adapters."
+        ),
+    ] = "user",
     all_tenants: Annotated[
-        bool, typer.Option("--global", help="An admin key for every tenant (/metrics, all usage, all adapters).")
+        bool,
+        typer.Option("--global", help="An admin, approver or auditor key for every tenant (and public adapters)."),
+    ] = False,
+    owner: Annotated[
+        str | None,
+        typer.Option(help="The person it belongs to (name or e-mail): nobody approves what they created."),
+    ] = None,
+    production: Annotated[
+        bool, typer.Option("--production", help="A production key: it reaches deployed routes only.")
     ] = False,
     database_url: DatabaseUrl = None,
     home: Home = None,
 ) -> None:
     """Create an API key and print it once (only its hash is stored)."""
-    from loraforge.govern.audit import AuditLog
+    from loraforge.govern.audit_witness import audit_log
     from loraforge.serve.keys import KeyStore
 
     h = resolve_home(home)
-    with AuditLog(h).action(_actor(), "key.create", f"tenant:{tenant}", role=role, all_tenants=all_tenants) as act:
-        key, record = KeyStore(h, _registry(h, database_url)).create(tenant, role, all_tenants=all_tenants)
+    environment = "production" if production else "development"
+    intent = {"role": role, "all_tenants": all_tenants, "owner": owner, "environment": environment}
+    registry = _registry(h, database_url)
+    with audit_log(h, registry).action(_actor(), "key.create", f"tenant:{tenant}", **intent) as act:
+        key, record = KeyStore(h, registry).create(
+            tenant, role, all_tenants=all_tenants, owner=owner, environment=environment
+        )
         act.outcome["key_id"] = record.id  # the id only: the key itself never enters the log
     console.print(key, highlight=False, soft_wrap=True)
     console.print(
-        f"[dim]key id {record.id} · tenant {tenant} · role {role}{' (all tenants)' if all_tenants else ''} — "
+        f"[dim]key id {record.id} · tenant {tenant} · role {role}{' (all tenants)' if all_tenants else ''}"
+        f"{' · owner ' + owner if owner else ''} · {environment} — "
         "store it now: it cannot be shown again[/]",
         highlight=False,
     )
@@ -114,12 +134,13 @@ def keys_revoke(
     home: Home = None,
 ) -> None:
     """Revoke a key; a running server refuses it from its next request."""
-    from loraforge.govern.audit import AuditLog
+    from loraforge.govern.audit_witness import audit_log
     from loraforge.serve.keys import KeyStore
 
     h = resolve_home(home)
-    with AuditLog(h).action(_actor(), "key.revoke", key_id) as act:
-        record = KeyStore(h, _registry(h, database_url)).revoke(key_id)
+    registry = _registry(h, database_url)
+    with audit_log(h, registry).action(_actor(), "key.revoke", key_id) as act:
+        record = KeyStore(h, registry).revoke(key_id)
         act.outcome["tenant"] = record.tenant
     console.print(f"revoked key {key_id} (tenant {record.tenant})")
 
@@ -149,16 +170,25 @@ def adapters_add(
     every tenant (--public) needs a passed data-governance record (licences checked, personal data
     redacted or dropped, no exception taken) or --override-governance REASON.
     """
-    from loraforge.govern.audit import AuditLog
+    from loraforge.govern.audit_witness import audit_log
+    from loraforge.govern.release import creator
     from loraforge.serve.adapters import AdapterStore
 
     if public == (tenant is not None):
         raise ConfigError("give exactly one of --tenant NAME or --public")
     h = resolve_home(home)
-    store = AdapterStore(h, max_rank=max_lora_rank, max_bytes=max_size_mb * 2**20, registry=_registry(h, database_url))
+    registry = _registry(h, database_url)
+    store = AdapterStore(h, max_rank=max_lora_rank, max_bytes=max_size_mb * 2**20, registry=registry)
     intent = {"tenant": tenant, "public": public, "directory": str(directory), "override": override_governance}
-    with AuditLog(h).action(_actor(), "adapter.add", name, **intent) as act:
-        reg = store.add(directory, name, tenant=tenant, replace=replace, governance_override=override_governance)
+    with audit_log(h, registry).action(_actor(), "adapter.add", name, **intent) as act:
+        reg = store.add(
+            directory,
+            name,
+            tenant=tenant,
+            replace=replace,
+            governance_override=override_governance,
+            created_by=creator(None, _actor()),
+        )
         act.outcome.update(
             sha256=reg.weights_sha256,
             source=reg.source,
@@ -167,7 +197,9 @@ def adapters_add(
         )
     owner = "public" if reg.public else f"tenant {reg.tenant}"
     console.print(
-        f"registered [bold]{name}[/] ({owner}) on {reg.base_model}, weights sha256 {reg.weights_sha256[:12]}…"
+        f"registered [bold]{name}[/] ({owner}) on {reg.base_model}, weights sha256 {reg.weights_sha256[:12]}… "
+        f"— state {reg.state}"
+        + ("" if reg.state == "evaluated" else " (no evaluation in its manifest: run `loraforge eval` first)")
     )
     for flag in reg.governance_flags:
         console.print(f"[yellow]governance exception taken in training: {flag}[/]")
@@ -189,11 +221,12 @@ def adapters_remove(
     name: Annotated[str, typer.Argument(help="Adapter name.")], database_url: DatabaseUrl = None, home: Home = None
 ) -> None:
     """Unregister an adapter (its copy in the store is deleted)."""
-    from loraforge.govern.audit import AuditLog
+    from loraforge.govern.audit_witness import audit_log
     from loraforge.serve.adapters import AdapterStore
 
     h = resolve_home(home)
-    with AuditLog(h).action(_actor(), "adapter.remove", name):
-        if not AdapterStore(h, registry=_registry(h, database_url)).remove(name):
+    registry = _registry(h, database_url)
+    with audit_log(h, registry).action(_actor(), "adapter.remove", name):
+        if not AdapterStore(h, registry=registry).remove(name):
             raise ConfigError(f"no adapter named {name!r}; `loraforge adapters list` shows them")
     console.print(f"removed {name}")

@@ -53,7 +53,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,10 +118,13 @@ class AuditLog:
             process writing one home must use the same key: an append with another key is refused.
     """
 
-    def __init__(self, home: Path, key_file: Path | None = None) -> None:
+    def __init__(
+        self, home: Path, key_file: Path | None = None, witness: Callable[[int, str], None] | None = None
+    ) -> None:
         self.path = home / "audit.jsonl"
         self.head_path = head_path(self.path)
         self.key_file = key_file or default_key_file()
+        self.witness = witness  # told (count, hash) after each append, under the lock: the registry's copy
         self._key: bytes | None = None
 
     def record(self, actor: str, action: str, target: str, **details: Any) -> dict[str, Any]:
@@ -224,6 +227,8 @@ class AuditLog:
             if written or not self.head_path.exists():
                 os.fsync(fd)
                 replace_file_durably(self.head_path, json.dumps({"count": count, "hash": prev}).encode() + b"\n")
+            if written and self.witness is not None:
+                self.witness(count, prev)
             return written
         finally:
             os.close(fd)  # releases the lock
@@ -315,7 +320,7 @@ class AuditLog:
         return [{**event, "action": "audit.head_mismatch", "details": details}]
 
 
-def verify_audit_log(path: Path, *, key_file: Path | None = None) -> list[str]:
+def verify_audit_log(path: Path, *, key_file: Path | None = None, witness: dict[str, Any] | None = None) -> list[str]:
     """Check the log at ``path`` against its chain, its key and its head; problems, each naming the line.
 
     Empty when intact. Reports: lines that are not JSON; records that do not follow the previous one
@@ -328,6 +333,8 @@ def verify_audit_log(path: Path, *, key_file: Path | None = None) -> list[str]:
     Args:
         path: ``HOME/audit.jsonl``; its head is ``HOME/audit.head``.
         key_file: the HMAC key (default :func:`default_key_file`); never created here.
+        witness: ``{"count", "hash"}`` kept elsewhere (the registry's ``audit_heads``): a log and
+            head both rolled back to an earlier state still end before it.
     """
     key_path = key_file or default_key_file()
     key = read_key(key_path)
@@ -404,25 +411,33 @@ def verify_audit_log(path: Path, *, key_file: Path | None = None) -> list[str]:
             "the next append moves it aside and logs audit.repair"
         )
     problems += _check_head(path, head, last_seq, hashes, numbered=keyed)
+    if witness is not None:
+        problems += _check_head(path, witness, last_seq, hashes, numbered=False, where="the registry's audit head")
     return problems
 
 
 def _check_head(
-    path: Path, head: dict[str, Any] | None, count: int, hashes: dict[int, str], *, numbered: bool
+    path: Path,
+    head: dict[str, Any] | None,
+    count: int,
+    hashes: dict[int, str],
+    *,
+    numbered: bool,
+    where: str | None = None,
 ) -> list[str]:
-    where = head_path(path)
+    label = where or "its head"
     if head is None:
-        return [f"{where}: missing, but {path} has {count} numbered records (deleted?)"] if numbered else []
+        return [f"{head_path(path)}: missing, but {path} has {count} numbered records (deleted?)"] if numbered else []
     hc, hh = head.get("count"), head.get("hash")
     if not isinstance(hc, int) or not isinstance(hh, str):
-        return [f'{where}: not a head record ({{"count": N, "hash": …}}): {head}']
+        return [f'{where or head_path(path)}: not a head record ({{"count": N, "hash": …}}): {head}']
     if hc > count:
         return [
-            f"{path}: the log ends at record {count} but its head records {hc} entries: "
+            f"{path}: the log ends at record {count} but {label} records {hc} entries: "
             f"the last {hc - count} record(s) were deleted"
         ]
     if hc and hashes.get(hc) != hh:
-        return [f"{path}: record {hc} does not have the hash its head records ({hh[:16]}…): the log was rewritten"]
+        return [f"{path}: record {hc} does not have the hash {label} records ({hh[:16]}…): the log was rewritten"]
     return []
 
 

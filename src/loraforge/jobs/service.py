@@ -167,8 +167,12 @@ class JobService:
         self.base_models = base_models
         self.base_sources = base_sources or {}
 
-    def create(self, tenant: str, request: JobCreate) -> dict[str, Any]:
+    def create(self, tenant: str, request: JobCreate, created_by: dict[str, Any] | None = None) -> dict[str, Any]:
         """Check the request's model and files, then queue the job.
+
+        Args:
+            created_by: who asks (``govern.release.creator``): the key and person its model is
+                credited to, whom separation of duties keeps from approving it.
 
         Raises:
             RequestError: an unknown base model, or a file that is missing, another tenant's, or failed its check.
@@ -217,6 +221,7 @@ class JobService:
                 attempts=0,
                 cancel_requested=False,
                 created_at=now,
+                created_by=created_by,
             )
             s.add(row)
             s.flush()

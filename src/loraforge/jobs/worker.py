@@ -33,6 +33,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
 from loraforge.files import private_directory, sha256_file, write_text_atomic
+from loraforge.govern.release import register_step
 from loraforge.jobs.executor import Executor, Run
 from loraforge.jobs.results import metrics_csv, openai_metrics, read_metrics
 from loraforge.jobs.service import add_event, fine_tuned_model_name
@@ -394,15 +395,18 @@ class Worker:
                     lineage=record.lineage(),
                     governance_flags=[f["flag"] for f in record.flags()],
                     added_at=now,
+                    created_by=job.created_by,
                 )
             )
             s.flush()
             evaluation = manifest.get("evaluation")
-            if isinstance(evaluation, dict) and evaluation.get("verdict"):
+            evaluated = isinstance(evaluation, dict) and bool(evaluation.get("verdict"))
+            eval_id = f"eval-{job_id.removeprefix('ftjob-')}"
+            if isinstance(evaluation, dict) and evaluated:
                 report = evaluation.get("report") or {}
                 s.merge(
                     Evaluation(
-                        id=f"eval-{job_id.removeprefix('ftjob-')}",
+                        id=eval_id,
                         adapter=name,
                         verdict=str(evaluation["verdict"]),
                         policy=evaluation.get("policy") or {},
@@ -411,6 +415,10 @@ class Worker:
                         created_at=now,
                     )
                 )
+            registered = s.get(Adapter, name)
+            assert registered is not None
+            verdict = str(evaluation["verdict"]) if isinstance(evaluation, dict) and evaluated else None
+            register_step(s, registered, verdict, actor=f"worker:{self.name}", evaluation_id=eval_id)
             job.status, job.finished_at, job.worker = "succeeded", now, None
             job.fine_tuned_model, job.result_files = name, [result.id]
             job.trained_tokens = int((manifest.get("actual") or {}).get("tokens") or job.trained_tokens or 0)

@@ -8,8 +8,12 @@
              │     ├─< job_events              (ordered by seq within a job)
              │     └─< checkpoints             (step, OpenAI's metric names)
              ├─< adapters >── jobs             (registrations; lineage: base hash → files → job → evaluations)
-             │     └─< evaluations
+             │     ├─< evaluations
+             │     └─< adapter_transitions     (draft → evaluated → approved → deployed → retired: who, when, why)
+             ├─< routes ─< deployments         (a model name clients use → the adapter deployed under it)
+             ├─< release_policies              (approvals required; "*" for every tenant)
              └─< usage_records
+    audit_heads                                (the audit log's last count and hash: a deleted tail is caught)
 
 Times are UNIX seconds (floats), as everywhere else in loraforge. JSON columns hold what has no
 fixed shape (hyperparameters, metrics, evidence). Every change to these classes comes with an
@@ -18,6 +22,7 @@ Alembic migration in ``migrations/versions``: a test compares the two and fails 
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
@@ -31,8 +36,14 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-NAME = 64  # tenant and adapter names (see serve's ``valid_name``)
+NAME = 64  # tenant, adapter and route names (``valid_name``)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched in full (``fullmatch``)
 ID = 64  # object ids: "file-…", "ftjob-…", key ids
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` is a usable tenant, adapter or route name, all of it (no trailing newline)."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
 class Base(DeclarativeBase):
@@ -59,6 +70,10 @@ class ApiKey(Base):
     all_tenants: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the person the key belongs to: separation of duties compares people, not only keys
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # production keys reach deployed routes only; development keys their tenant's adapters too
+    environment: Mapped[str] = mapped_column(String(16), server_default="development")
 
 
 class File(Base):
@@ -113,6 +128,7 @@ class Job(Base):
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_by: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {actor, key, owner}
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -164,6 +180,11 @@ class Adapter(Base):
     governance_flags: Mapped[list[Any]] = mapped_column(JSON, default=list)
     governance_override: Mapped[str | None] = mapped_column(Text, nullable=True)
     added_at: Mapped[float] = mapped_column(Float)
+    # the release lifecycle (``govern.release``): draft → evaluated → approved → deployed → retired
+    state: Mapped[str] = mapped_column(String(16), server_default="draft")
+    created_by: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {actor, key, owner}
+    # why it was approved although its evaluation did not pass the release gate
+    release_override: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Evaluation(Base):
@@ -176,6 +197,83 @@ class Evaluation(Base):
     headline: Mapped[dict[str, Any]] = mapped_column(JSON)
     report_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class AdapterTransition(Base):
+    """One step of an adapter's release: registration, evaluation, approval, rejection, deployment…
+
+    Kept when the adapter is removed (no foreign key): the history of a name is evidence.
+    """
+
+    __tablename__ = "adapter_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    adapter: Mapped[str] = mapped_column(String(255), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # register | evaluate | approve | reject | deploy | …
+    from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_state: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(255))  # "key:ID" or "cli:USER"
+    key_id: Mapped[str | None] = mapped_column(String(ID), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    override: Mapped[bool] = mapped_column(Boolean, default=False)  # approved despite a failed gate
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ReleasePolicy(Base):
+    """How many distinct approvers a tenant's adapters need (``scope`` "*": the default for all)."""
+
+    __tablename__ = "release_policies"
+
+    scope: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    approvals_required: Mapped[int] = mapped_column(Integer)
+    updated_by: Mapped[str] = mapped_column(String(255))
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Route(Base):
+    """A model name clients use (``support-bot``), bound to the adapter deployed under it."""
+
+    __tablename__ = "routes"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(ForeignKey("tenants.name"), nullable=True, index=True)  # None: public
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Deployment(Base):
+    """A route's binding to an adapter, from ``created_at`` until ``ended_at`` (None: serving now).
+
+    ``previous_id`` is the deployment this one replaced: a rollback restores it (and takes its own
+    previous one as its previous, so that rolling back again goes one further back).
+    """
+
+    __tablename__ = "deployments"
+    __table_args__ = (Index("ix_deployments_route_ended_at", "route", "ended_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    route: Mapped[str] = mapped_column(ForeignKey("routes.name"))
+    adapter: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(16))  # deploy | rollback
+    previous_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    actor: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class AuditHead(Base):
+    """The audit log's count and last hash, written after every append: a witness outside the home's
+    files, so that deleting the log's last records (and rewriting ``audit.head``) is caught."""
+
+    __tablename__ = "audit_heads"
+
+    log: Mapped[str] = mapped_column(String(255), primary_key=True)  # the log's identity (its key id)
+    count: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[float] = mapped_column(Float)
 
 
 class UsageRecord(Base):

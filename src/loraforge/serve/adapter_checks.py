@@ -19,19 +19,14 @@ import torch
 
 from loraforge.errors import ModelError
 from loraforge.models.manifest import AdapterManifest
+from loraforge.registry.schema import valid_name as valid_name  # the registry's name rule, used here too
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched in full (``fullmatch``)
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 MAX_LORA_RANK = 64
 MAX_ADAPTER_BYTES = 1 << 30  # one file of an adapter (a rank-64 adapter of an 8B model is ~0.7 GB)
 EVIDENCE_FILES = ("loss.png", "metrics.jsonl")  # copied beside the adapter for a reviewer of the store
 KEY_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-
-
-def valid_name(name: str) -> bool:
-    """Whether ``name`` is a usable adapter or tenant name, all of it (no trailing newline)."""
-    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
 def publication_problems(manifest: AdapterManifest) -> list[str]:

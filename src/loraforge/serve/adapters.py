@@ -19,16 +19,18 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
 from loraforge.errors import ConfigError, ModelError
 from loraforge.files import atomic_directory, write_bytes_atomic
+from loraforge.govern.release import creator, register_step
 from loraforge.models.manifest import AdapterManifest, read_manifest
 from loraforge.models.sources import DEFAULT_BASE_MODEL, PACKAGED_MODELS
 from loraforge.registry.database import Registry
 from loraforge.registry.schema import Adapter as AdapterRow
-from loraforge.registry.schema import ensure_tenant
+from loraforge.registry.schema import Evaluation, Route, ensure_tenant
 from loraforge.serve.adapter_checks import (
     CONFIG,
     EVIDENCE_FILES,
@@ -56,6 +58,13 @@ class Registration:
     config_sha256: str = ""  # "" in registrations of older versions: the stored manifest's is used
     governance_flags: tuple[str, ...] = ()  # exceptions to the data-governance rules taken in training
     governance_override: str | None = None  # why it was published without a passed governance record
+    state: str = "draft"  # the release lifecycle (``govern.release``)
+    release_override: str | None = None  # why it was approved although its evaluation failed the gate
+
+    @property
+    def servable(self) -> bool:
+        """Whether it is served at all: a retired adapter never is."""
+        return self.state != "retired"
 
     @property
     def public(self) -> bool:
@@ -102,6 +111,7 @@ class AdapterStore:
         tenant: str | None,
         replace: bool = False,
         governance_override: str | None = None,
+        created_by: dict[str, Any] | None = None,
     ) -> Registration:
         """Copy a trained adapter directory into the store under ``name``.
 
@@ -113,6 +123,11 @@ class AdapterStore:
             tenant: the owner; None publishes it to every tenant, which needs a passed
                 data-governance record (``publication_problems``) or ``governance_override``.
             governance_override: why it may be published anyway (recorded in the registration).
+            created_by: who registers it (``govern.release.creator``): they cannot approve it.
+
+        The adapter starts as ``draft``, or ``evaluated`` when its manifest carries an evaluation
+        verdict (``loraforge eval``), which is recorded in ``evaluations``. An approved or deployed
+        adapter cannot be replaced: the weights approved are the weights served.
 
         Raises:
             ConfigError: a bad name or tenant, a name taken (without ``replace``), a base model's
@@ -194,7 +209,9 @@ class AdapterStore:
             governance_flags=[f["flag"] for f in manifest.flags()],
             governance_override=governance_override.strip() if governance_override else None,
             added_at=time.time(),
+            created_by=created_by or creator(None, "unknown"),
         )
+        verdict = (manifest.evaluation or {}).get("verdict")
         self.root.mkdir(parents=True, exist_ok=True)
         # The files are written first, outside any transaction (they may be large: the registry's
         # writers — a server recording usage — never wait for the copy). A short transaction then
@@ -215,10 +232,40 @@ class AdapterStore:
                     )
                 if existing is not None and existing.job_id is not None:
                     raise ConfigError(f"{name!r} is a fine-tuning job's model; it cannot be replaced by hand")
+                if existing is not None and existing.state in ("approved", "deployed"):
+                    raise ConfigError(
+                        f"{name!r} is {existing.state}: the weights approved are the weights served, so it cannot be "
+                        "replaced; register the new adapter under another name and take it through approval"
+                    )
+                if s.get(Route, name) is not None:
+                    raise ConfigError(f"{name!r} is the name of a route; pick another name")
                 if tenant is not None:
                     ensure_tenant(s, tenant, row.added_at)
-                s.merge(row)
-        return _registration(row)
+                merged = s.merge(row)
+                eval_id = None
+                if verdict:
+                    evaluation = manifest.evaluation or {}
+                    eval_id = f"eval-{name}-{int(row.added_at * 1000)}"
+                    s.add(
+                        Evaluation(
+                            id=eval_id[:64],
+                            adapter=name,
+                            verdict=str(verdict),
+                            policy=evaluation.get("policy") or {},
+                            headline=evaluation.get("headline") or {},
+                            report_path=(evaluation.get("report") or {}).get("html"),
+                            created_at=row.added_at,
+                        )
+                    )
+                s.flush()
+                register_step(
+                    s,
+                    merged,
+                    str(verdict) if verdict else None,
+                    actor=(row.created_by or {})["actor"],
+                    evaluation_id=eval_id,
+                )
+                return _registration(merged)
 
     def get(self, name: str) -> Registration | None:
         if not (name.startswith(FINE_TUNED) or valid_name(name)):
@@ -268,6 +315,8 @@ def _registration(row: AdapterRow) -> Registration:
         config_sha256=row.config_sha256,
         governance_flags=tuple(str(f) for f in row.governance_flags or ()),
         governance_override=row.governance_override,
+        state=row.state or "draft",
+        release_override=row.release_override,
     )
 
 

@@ -26,6 +26,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge.govern.audit import AuditLog
+from loraforge.govern.deploy import Deployments
+from loraforge.govern.release import Release
 from loraforge.jobs.files import FileService
 from loraforge.jobs.service import JobService
 from loraforge.serve.adapter_cache import AdapterCache
@@ -35,6 +37,7 @@ from loraforge.serve.config import ServeConfig
 from loraforge.serve.jobs_routes import add_jobs_routes
 from loraforge.serve.keys import KeyRecord, KeyStore
 from loraforge.serve.protocol import ChatCompletionRequest, CompletionRequest, LoadRequest
+from loraforge.serve.release_routes import add_release_routes
 from loraforge.serve.service import InferenceService
 from loraforge.serve.telemetry import Metrics
 
@@ -180,6 +183,8 @@ def create_app(
     cache: AdapterCache | None,
     audit: AuditLog,
     metrics: Metrics,
+    release: Release,
+    deployments: Deployments,
     files: FileService | None = None,
     jobs: JobService | None = None,
 ) -> FastAPI:
@@ -250,12 +255,22 @@ def create_app(
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return record
 
-    if files is not None and jobs is not None:
-        add_jobs_routes(app, caller, files, jobs)
+    def user(request: Request) -> KeyRecord:
+        """A key that may use models and train: any role but an auditor's (read-only)."""
+        record = caller(request)
+        if record.role == "auditor":
+            raise APIError(403, "An auditor's key reads reports and logs only.", code="read_only_key")
+        return record
 
-    def admin(request: Request) -> KeyRecord:
+    if files is not None and jobs is not None:
+        add_jobs_routes(app, user, files, jobs, audit)
+
+    def admin_enabled(request: Request) -> None:
         if not config.admin_endpoints:
             raise APIError(404, f"{request.url.path} does not exist", code="not_found")
+
+    def admin(request: Request) -> KeyRecord:
+        admin_enabled(request)
         record = caller(request)
         if record.role != "admin":
             raise APIError(403, "This endpoint needs an admin key.", code="admin_required")
@@ -350,12 +365,12 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request, req: ChatCompletionRequest, key: KeyRecord = Depends(caller)) -> Response:  # noqa: B008
+    async def chat(request: Request, req: ChatCompletionRequest, key: KeyRecord = Depends(user)) -> Response:  # noqa: B008
         _, items = await service.chat(key, req)
         return await respond(request, req.stream, items)
 
     @app.post("/v1/completions")
-    async def completions(request: Request, req: CompletionRequest, key: KeyRecord = Depends(caller)) -> Response:  # noqa: B008
+    async def completions(request: Request, req: CompletionRequest, key: KeyRecord = Depends(user)) -> Response:  # noqa: B008
         _, items = await service.completion(key, req)
         return await respond(request, req.stream, items)
 
@@ -387,6 +402,7 @@ def create_app(
                 raise APIError(404, f"adapter {req.name!r} is not loaded", code="not_loaded", param="name")
         return {"name": req.name, "loaded": False}
 
+    add_release_routes(app, caller, admin_enabled, release, deployments)
     return app
 
 

@@ -1,7 +1,11 @@
-"""Which models a caller may use: the base model and the adapters its tenant may see, in memory.
+"""Which models a caller may use: the base model, routes, and the adapters its tenant may see, in memory.
 
-Another tenant's adapter answers as a missing one (no existence leak); an adapter is loaded (and
-verified) on its first use, within the key's adapter loads per minute.
+A route (``govern.deploy``) is resolved on every request, so a deployment or rollback takes effect
+at the next request, without a restart; a request already admitted keeps the adapter it resolved.
+A production key reaches deployed routes only; a development key also the base model and its
+tenant's (and public) adapters in any state but retired. Another tenant's adapter or route answers
+as a missing one (no existence leak); an adapter is loaded (and verified) on its first use, within
+the key's adapter loads per minute.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import asyncio
 import logging
 
 from loraforge.errors import ModelError
+from loraforge.govern.deploy import bindings, resolve
 from loraforge.serve.adapter_cache import AdapterCache, LoadedAdapter
 from loraforge.serve.adapters import AdapterStore, Registration
 from loraforge.serve.api_errors import APIError, engine_unavailable, not_found, public_message
@@ -46,10 +51,28 @@ class ModelCatalog:
 
     def models(self, key: KeyRecord) -> list[ModelCard]:
         base = self.engine.model_id
-        cards = [ModelCard(id=base, created=self.created, owned_by="loraforge", root=base)]
+        production = key.environment == "production"
+        cards = [] if production else [ModelCard(id=base, created=self.created, owned_by="loraforge", root=base)]
         admin = key.role == "admin"
-        for reg in self.store.registrations():
-            if reg.visible_to(key.tenant):
+        regs = {reg.name: reg for reg in self.store.registrations()}
+        for binding in bindings(self.store.registry):
+            reg = regs.get(binding.adapter)
+            if reg is not None and reg.servable and reg.visible_to(key.tenant) and binding.tenant == reg.tenant:
+                cards.append(
+                    ModelCard(
+                        id=binding.route,
+                        created=int(reg.added_at),
+                        owned_by="public" if reg.public else reg.tenant or "",
+                        parent=base,
+                        root=base,
+                        adapter=reg.name if admin else None,
+                        release_override=reg.release_override,
+                    )
+                )
+        if production:
+            return cards
+        for reg in regs.values():
+            if reg.servable and reg.visible_to(key.tenant):
                 cards.append(
                     ModelCard(
                         id=reg.name,
@@ -59,6 +82,8 @@ class ModelCatalog:
                         root=base,
                         governance_flags=list(reg.governance_flags) if admin else None,
                         governance_override=reg.governance_override if admin else None,
+                        state=reg.state if admin else None,
+                        release_override=reg.release_override,
                     )
                 )
         return cards
@@ -71,10 +96,17 @@ class ModelCatalog:
 
     def registration(self, key: KeyRecord, model: str) -> Registration | None:
         """The adapter registration the caller may use under the name ``model`` (None = the base model)."""
-        if model == self.engine.model_id:
+        production = key.environment == "production"
+        if model == self.engine.model_id and not production:
             return None
-        reg = self.store.get(model)
-        if reg is None or not reg.visible_to(key.tenant):
+        binding = resolve(self.store.registry, model)
+        if binding is not None:
+            reg = self.store.get(binding.adapter)
+            if reg is None or not reg.servable or not reg.visible_to(key.tenant) or binding.tenant != reg.tenant:
+                raise not_found(model)
+            return reg
+        reg = None if production else self.store.get(model)
+        if reg is None or not reg.servable or not reg.visible_to(key.tenant):
             raise not_found(model)
         return reg
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from loraforge.errors import ConfigError, ModelError
 from loraforge.files import private_directory, sha256_file
-from loraforge.govern.audit import AuditLog
+from loraforge.govern.audit_witness import audit_log
 from loraforge.models.manifest import AdapterManifest
 from loraforge.registry.database import Registry, database_url, open_registry
 from loraforge.registry.schema import Adapter, ApiKey, Migration, UsageRecord, ensure_tenant
@@ -78,7 +78,9 @@ def import_file_home(home: Path, registry: Registry) -> list[dict[str, Any]]:
         return imported
     # audited like an admin action: if the intent cannot be recorded, nothing is imported
     names = [str(p.relative_to(home)) for p in pending]
-    with AuditLog(home).action("loraforge", "registry.import_home", str(home), files=names, backup=str(backup)) as act:
+    with audit_log(home, registry).action(
+        "loraforge", "registry.import_home", str(home), files=names, backup=str(backup)
+    ) as act:
         with registry.session() as s:
             for path in pending:
                 source, digest = str(path.relative_to(home)), digests[path]

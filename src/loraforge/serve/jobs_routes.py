@@ -21,6 +21,8 @@ from fastapi import Depends, FastAPI, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
 from loraforge.errors import NotFoundError, RequestError
+from loraforge.govern.audit import AuditLog
+from loraforge.govern.release import actor_name, creator
 from loraforge.jobs.files import Declaration, FileService
 from loraforge.jobs.service import JobService, metadata_filter, parse_job_request
 from loraforge.serve.api_errors import APIError
@@ -51,8 +53,32 @@ def _int(value: str | None, name: str, default: int) -> int:
         raise APIError(400, f"{name} must be an integer, got {value!r}", param=name, code="invalid_request") from e
 
 
-def add_jobs_routes(app: FastAPI, caller: Callable[[Request], KeyRecord], files: FileService, jobs: JobService) -> None:
-    """Add the files and jobs routes to ``app``; ``caller`` authenticates a request (401 otherwise)."""
+def add_jobs_routes(
+    app: FastAPI,
+    caller: Callable[[Request], KeyRecord],
+    files: FileService,
+    jobs: JobService,
+    audit: AuditLog | None = None,
+) -> None:
+    """Add the files and jobs routes to ``app``; ``caller`` authenticates a request (401 otherwise).
+
+    Uploads, file deletions, job creations and cancellations are written to ``audit``: their
+    intent before they run, their outcome (the object's id, or the error) after.
+    """
+
+    def audited(
+        key: KeyRecord, action: str, target: str, step: Callable[[], dict[str, Any]]
+    ) -> Callable[[], dict[str, Any]]:
+        if audit is None:
+            return step
+
+        def run() -> dict[str, Any]:
+            with audit.action(actor_name(key), action, target, tenant=key.tenant) as act:
+                result = step()
+                act.outcome.update({k: result[k] for k in ("id", "status", "bytes") if k in result})
+                return result
+
+        return run
 
     @app.post(FILES)
     async def upload(request: Request, key: KeyRecord = Depends(caller)) -> JSONResponse:  # noqa: B008
@@ -75,9 +101,13 @@ def add_jobs_routes(app: FastAPI, caller: Callable[[Request], KeyRecord], files:
                 while block := source.file.read(CHUNK):
                     yield block
 
+            name = str(source.filename or "")
             created = await call(
-                lambda: files.create(
-                    key.tenant, str(source.filename or ""), texts["purpose"] or "", chunks(), declaration
+                audited(
+                    key,
+                    "file.upload",
+                    name,
+                    lambda: files.create(key.tenant, name, texts["purpose"] or "", chunks(), declaration),
                 )
             )
         finally:
@@ -117,7 +147,7 @@ def add_jobs_routes(app: FastAPI, caller: Callable[[Request], KeyRecord], files:
 
     @app.delete(FILES + "/{file_id}")
     async def delete_file(file_id: str, key: KeyRecord = Depends(caller)) -> JSONResponse:  # noqa: B008
-        return JSONResponse(await call(lambda: files.delete(key.tenant, file_id)))
+        return JSONResponse(await call(audited(key, "file.delete", file_id, lambda: files.delete(key.tenant, file_id))))
 
     @app.post(JOBS)
     async def create_job(request: Request, key: KeyRecord = Depends(caller)) -> JSONResponse:  # noqa: B008
@@ -125,7 +155,11 @@ def add_jobs_routes(app: FastAPI, caller: Callable[[Request], KeyRecord], files:
             body = json.loads(await request.body())
         except ValueError as e:
             raise APIError(400, "The request body is not valid JSON.", code="invalid_request") from e
-        return JSONResponse(await call(lambda: jobs.create(key.tenant, parse_job_request(body))))
+        model = str(body.get("model", "")) if isinstance(body, dict) else ""
+        step = audited(
+            key, "job.create", model, lambda: jobs.create(key.tenant, parse_job_request(body), creator(key, ""))
+        )
+        return JSONResponse(await call(step))
 
     @app.get(JOBS)
     async def list_jobs(request: Request, key: KeyRecord = Depends(caller)) -> JSONResponse:  # noqa: B008
@@ -145,7 +179,7 @@ def add_jobs_routes(app: FastAPI, caller: Callable[[Request], KeyRecord], files:
 
     @app.post(JOBS + "/{job_id}/cancel")
     async def cancel_job(job_id: str, key: KeyRecord = Depends(caller)) -> JSONResponse:  # noqa: B008
-        return JSONResponse(await call(lambda: jobs.cancel(key.tenant, job_id)))
+        return JSONResponse(await call(audited(key, "job.cancel", job_id, lambda: jobs.cancel(key.tenant, job_id))))
 
     @app.get(JOBS + "/{job_id}/events")
     async def job_events(job_id: str, request: Request, key: KeyRecord = Depends(caller)) -> JSONResponse:  # noqa: B008

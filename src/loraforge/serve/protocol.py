@@ -128,12 +128,19 @@ class ModelCard(BaseModel):
     # adapter was published without a passed governance record.
     governance_flags: list[str] | None = None
     governance_override: str | None = None
+    state: str | None = None  # the release state (admins)
+    adapter: str | None = None  # the adapter a route serves now (admins)
+    # why it was approved although its evaluation failed the release gate: shown to everyone who sees it
+    release_override: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """OpenAI's model object; the governance fields only for an adapter shown to an admin."""
-        if self.governance_flags is None:
-            return self.model_dump(exclude={"governance_flags", "governance_override"})
-        return self.model_dump()
+        """OpenAI's model object; loraforge's fields only where they say something (governance: admins)."""
+        extra = ("state", "adapter", "release_override")
+        body = self.model_dump(exclude={"governance_flags", "governance_override", *extra})
+        if self.governance_flags is not None:
+            body.update(governance_flags=self.governance_flags, governance_override=self.governance_override)
+        body.update({k: getattr(self, k) for k in extra if getattr(self, k) is not None})
+        return body
 
 
 class LoadRequest(_Strict):

@@ -19,7 +19,9 @@ from fastapi import FastAPI
 from loraforge.data.licensing import load_policy
 from loraforge.errors import ConfigError
 from loraforge.files import private_directory
-from loraforge.govern.audit import AuditLog
+from loraforge.govern.audit_witness import audit_log
+from loraforge.govern.deploy import Deployments
+from loraforge.govern.release import Release
 from loraforge.home import model_cache_dir
 from loraforge.jobs.files import Declaration, FileService
 from loraforge.jobs.service import JobService
@@ -183,13 +185,16 @@ def build_server(
     jobs = JobService(
         registry, files, base_models={base.model_id: base.sha256}, base_sources={base.model_id: config.base_model}
     )
+    audit = audit_log(home, registry)
     app = create_app(
         config,
         service,
         keys=KeyStore(home, registry),
         store=store,
         cache=cache,
-        audit=AuditLog(home),
+        audit=audit,
+        release=Release(registry, audit),
+        deployments=Deployments(registry, audit, reserved=set(store.reserved_names) | {base.model_id}),
         metrics=metrics,
         files=files,
         jobs=jobs,

@@ -354,6 +354,9 @@ def response_body(
         "model": call.model,
         "choices": choices,
     }
+    if call.adapter is not None:  # which adapter answered: through a route, it changes with deployments
+        reg = call.adapter.registration
+        body["system_fingerprint"] = f"{reg.name}:{reg.weights_sha256[:12]}"
     if usage is not None:
         body["usage"] = usage
     return body
