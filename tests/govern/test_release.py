@@ -235,7 +235,7 @@ def test_cli_steps_act_with_a_key_and_the_same_rules(world, monkeypatch: pytest.
     gate = run("approve", "v1", key=approver_key)
     assert "did not pass the release gate" in str(gate.exception)  # type: ignore[attr-defined]
     ok = run("approve", "v1", "--override", "known gap, tracked in RISK-12", key=approver_key)
-    assert ok.exit_code == 0 and "approved over a failed release gate" in ok.output  # type: ignore[attr-defined]
+    assert ok.exit_code == 0 and "approved although the release gate did not pass" in ok.output  # type: ignore[attr-defined]
     monkeypatch.setenv("LORAFORGE_API_KEY", admin_key)
     deployed = run("deploy", "bot", "v1", "--reason", "pilot")
     assert deployed.exit_code == 0, deployed.output  # type: ignore[attr-defined]

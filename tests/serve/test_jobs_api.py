@@ -8,9 +8,12 @@ from typing import Any
 import openai
 import pytest
 
+from loraforge.govern.audit import AuditLog
 from loraforge.jobs.executor import LocalExecutor
 from loraforge.jobs.worker import Worker, WorkerSettings
 from loraforge.registry.database import open_registry
+from loraforge.registry.schema import Adapter
+from loraforge.serve.keys import KeyStore
 from tests.jobs.conftest import sample_lines
 from tests.serve.conftest import Running, start_server
 
@@ -78,6 +81,21 @@ def test_the_fine_tuning_flow_with_the_openai_sdk(server: Running, tmp_path: Pat
     results = a.files.content(done.result_files[0]).read().decode()
     assert results.splitlines()[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
     assert [j.id for j in a.fine_tuning.jobs.list(metadata={"team": "support"})] == [job.id]
+
+    # uploads and jobs are audited; the job's model is credited to the key that asked for it
+    done_actions = {(e["action"], e["target"]) for e in AuditLog(server.home).entries() if e["phase"] == "done"}
+    assert {("file.upload", "train.jsonl"), ("job.create", server.engine.model_id)} <= done_actions
+    assert ("job.cancel", other.id) in done_actions
+    asker = KeyStore(server.home).authenticate(server.keys["a"])
+    assert asker is not None
+    reader = open_registry(server.home)
+    try:
+        with reader.reading() as s:
+            row = s.get(Adapter, done.fine_tuned_model)
+            assert row is not None and (row.created_by or {}).get("key") == asker.id
+            assert row.state in ("draft", "evaluated")
+    finally:
+        reader.close()
 
     # the job's model is served to its tenant at once, and to nobody else
     model = done.fine_tuned_model

@@ -195,7 +195,7 @@ def show_adapters(console: Console, registrations: list[Registration]) -> None:
     table = Table("name", "owner", "state", "base model", "weights sha256", "added", "governance")
     for r in registrations:
         notes = [*r.governance_flags, *([f"override: {r.governance_override}"] if r.governance_override else [])]
-        notes += [f"approved over a failed gate: {r.release_override}"] if r.release_override else []
+        notes += [f"approved although the gate did not pass: {r.release_override}"] if r.release_override else []
         table.add_row(
             r.name,
             "public" if r.public else r.tenant or "",

@@ -86,7 +86,7 @@ def approve(
             f"approval {step.approvals} of {step.required} recorded for {escape(adapter)}; it stays {step.state}"
         )
     if step.override:
-        console.print(f"[yellow]approved over a failed release gate: {escape(step.override)}[/]")
+        console.print(f"[yellow]approved although the release gate did not pass: {escape(step.override)}[/]")
 
 
 def reject(
@@ -161,7 +161,9 @@ def release_status(
         f"approvals {status['approvals']}/{status['approvals_required']} · routes {', '.join(status['routes']) or '-'}"
     )
     if status["release_override"]:
-        console.print(f"[yellow]approved over a failed release gate: {escape(status['release_override'])}[/]")
+        console.print(
+            f"[yellow]approved although the release gate did not pass: {escape(status['release_override'])}[/]"
+        )
     table = Table("when", "step", "state", "by", "reason")
     for h in status["history"]:
         when = datetime.fromtimestamp(h["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -14,7 +14,7 @@ import asyncio
 import logging
 
 from loraforge.errors import ModelError
-from loraforge.govern.deploy import bindings, resolve
+from loraforge.govern.deploy import Binding, bindings, resolve
 from loraforge.serve.adapter_cache import AdapterCache, LoadedAdapter
 from loraforge.serve.adapters import AdapterStore, Registration
 from loraforge.serve.api_errors import APIError, engine_unavailable, not_found, public_message
@@ -24,6 +24,12 @@ from loraforge.serve.limits import LimitExceeded, RateLimiter
 from loraforge.serve.protocol import ModelCard
 
 log = logging.getLogger("loraforge.serve")
+
+
+def serves(binding: Binding, reg: Registration, key: KeyRecord) -> bool:
+    """Whether the route ``binding`` may answer ``key`` with ``reg``: a servable adapter the key's
+    tenant may see, of the route's own owner."""
+    return reg.servable and reg.visible_to(key.tenant) and binding.tenant == reg.tenant
 
 
 class ModelCatalog:
@@ -57,7 +63,7 @@ class ModelCatalog:
         regs = {reg.name: reg for reg in self.store.registrations()}
         for binding in bindings(self.store.registry):
             reg = regs.get(binding.adapter)
-            if reg is not None and reg.servable and reg.visible_to(key.tenant) and binding.tenant == reg.tenant:
+            if reg is not None and serves(binding, reg, key):
                 cards.append(
                     ModelCard(
                         id=binding.route,
@@ -102,7 +108,7 @@ class ModelCatalog:
         binding = resolve(self.store.registry, model)
         if binding is not None:
             reg = self.store.get(binding.adapter)
-            if reg is None or not reg.servable or not reg.visible_to(key.tenant) or binding.tenant != reg.tenant:
+            if reg is None or not serves(binding, reg, key):
                 raise not_found(model)
             return reg
         reg = None if production else self.store.get(model)
