@@ -62,6 +62,7 @@ def test_export_since_writes_jsonl_with_the_chain(tmp_path: Path) -> None:
     log.record("cli:ana", "key.create", "old")
     time.sleep(0.05)
     cut = time.time()
+    time.sleep(0.01)  # records carry milliseconds: one within half of one after the cut could round to before it
     log.record("cli:ana", "adapter.approve", "new")
     out = tmp_path / "siem.jsonl"
     result = CliRunner().invoke(app, ["audit", "export", "--since", str(cut), "--out", str(out), "--home", str(home)])

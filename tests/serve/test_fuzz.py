@@ -135,18 +135,22 @@ def _send(server: Running, path: str, body: Any, key: str = "a") -> httpx.Respon
     return response
 
 
+def _count(body: dict[str, Any], status: int) -> None:
+    """Count the status of a body naming a model its key may use (another tenant's and a missing one are 404s)."""
+    if body.get("model") in ("tiny-llama", "a1"):
+        ANSWERED[status] = ANSWERED.get(status, 0) + 1
+
+
 @FUZZ
 @given(_body(CHAT, CHAT_FIELDS, hostile=False))
 def test_any_chat_request_within_the_schema_is_served(fuzzed: Running, body: dict[str, Any]) -> None:
-    status = _send(fuzzed, "/v1/chat/completions", body).status_code
-    ANSWERED[status] = ANSWERED.get(status, 0) + 1
+    _count(body, _send(fuzzed, "/v1/chat/completions", body).status_code)
 
 
 @FUZZ
 @given(_body(COMPLETION, COMPLETION_FIELDS, hostile=False))
 def test_any_completion_request_within_the_schema_is_served(fuzzed: Running, body: dict[str, Any]) -> None:
-    status = _send(fuzzed, "/v1/completions", body).status_code
-    ANSWERED[status] = ANSWERED.get(status, 0) + 1
+    _count(body, _send(fuzzed, "/v1/completions", body).status_code)
 
 
 @FUZZ

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from loraforge.data.drift import read_profile
 from loraforge.train import TrainConfig, train
 from tests.conftest import SAMPLES, chat
 
@@ -62,9 +63,15 @@ def test_training_writes_peft_adapter_manifest_metrics_and_plot(
         "manifest.json",
         "metrics.jsonl",
         "loss.png",
+        "input_profile.json",
     ):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    profile = read_profile(out)  # what the server watches input drift against
+    assert profile is not None and profile.prompts == 40
+    assert not profile.unfamiliar("Tell me about shipping for order 3.")
+    assert profile.unfamiliar("Which galaxy is closest to the Milky Way?")
+    assert json.loads((out / "manifest.json").read_text())["files"]["input_profile"] == "input_profile.json"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(train_losses) == 12

@@ -3,7 +3,8 @@
 This package registers the commands; each group lives in its own module (``data``, ``train``,
 ``generate``, ``evaluate`` for ``eval``, ``serve`` for serve, keys and adapters, ``audit``, ``jobs`` for
 the worker and the registry, ``client`` for ``files`` and ``jobs`` against a running server, ``export``,
-``release`` for approve, reject, retire, deploy, rollback and ``release``), the
+``release`` for approve, reject, retire, deploy, rollback and ``release``, ``pilot`` for ``pilot``,
+``monitor`` and ``adapters profile``), the
 rendering in ``output`` and the options shared or generated from config dataclasses in ``options``.
 """
 
@@ -14,7 +15,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from loraforge.cli import audit, client, data, evaluate, export, generate, jobs, release, serve, train
+from loraforge.cli import audit, client, data, evaluate, export, generate, jobs, pilot, release, serve, train
 from loraforge.cli.output import err_console
 from loraforge.errors import LoraforgeError
 
@@ -45,6 +46,9 @@ app.command("deploy")(release.deploy)
 app.command("rollback")(release.rollback)
 app.command("report")(release.report)
 app.add_typer(release.release_app, name="release")
+app.add_typer(pilot.pilot_app, name="pilot")
+app.command("monitor")(pilot.monitor)
+serve.adapters_app.command("profile")(pilot.adapter_profile)
 
 
 def main() -> None:

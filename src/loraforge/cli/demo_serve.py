@@ -1,6 +1,7 @@
 """The demo's release and serving step: register the adapter, have another person's key approve it,
 deploy it on a route, write its model card and compliance report, start the server, ask the route
-one question with the official ``openai`` SDK and a production key, print the answer, and stop."""
+one question with the official ``openai`` SDK and a production key, print the answer, rate it as its
+end user would, stop, and show what monitoring recorded (the documents are written again with it)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def serve_demo(console: Console, adapter: Path, home: Path, question: str, syste
 
     from loraforge.govern.audit_witness import RegistryWitness, audit_log
     from loraforge.govern.deploy import Deployments
+    from loraforge.govern.monitor import summary
     from loraforge.govern.release import Release, creator
     from loraforge.govern.reports import gather, write_documents
     from loraforge.serve.adapters import AdapterStore
@@ -134,6 +136,7 @@ def serve_demo(console: Console, adapter: Path, home: Path, question: str, syste
             messages=messages,  # type: ignore[arg-type]
             max_tokens=80,
             temperature=0,
+            user="demo-user",  # the end user: pilots keep them in one arm; their ratings are grouped
         )
         usage = httpx.get(url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
         console.print(f"[bold]Q:[/] {question}")
@@ -147,11 +150,36 @@ def serve_demo(console: Console, adapter: Path, home: Path, question: str, syste
             f"tenant {TENANT} has used {int(usage['total']['total_tokens'])} tokens in "
             f"{int(usage['total']['requests'])} requests[/]"
         )
+        console.print(f'$ curl {url}/v1/feedback -d \'{{"id": "{reply.id}", "rating": "up"}}\'')
+        rated = httpx.post(
+            url + "/v1/feedback", headers={"Authorization": f"Bearer {key}"}, json={"id": reply.id, "rating": "up"}
+        )
+        if rated.status_code != 200:
+            raise LoraforgeError(f"the feedback was refused: {rated.text}")
     finally:
         server.terminate()
         for _, made_record in made:
             with audit.action("demo", "key.revoke", made_record.id, tenant=TENANT):
                 keys.revoke(made_record.id)
     console.print("server stopped; the demo keys are revoked")
+    console.print(f"$ loraforge monitor {ROUTE} --since 1h")
+    watched = summary(registry, admin, ROUTE, since_s=3600, bucket_s=3600)
+    total, drift = watched["total"], watched["drift"].get(name)
+    console.print(
+        f"{ROUTE}: {total['requests']} request(s), {total['error_rate']['value']:.0%} errors, "
+        f"{total['feedback']} rating(s)"
+        + (f" (mean score {total['score']['value']:.2f})" if total["score"] else "")
+        + (
+            f"; input drift watched: {drift['unfamiliar_share']:.0%} of {drift['prompts']} prompt(s) unlike the "
+            "training prompts"
+            if drift
+            else "; input drift not watched"
+        )
+        + f"; alerts: {', '.join(a['kind'] for a in watched['alerts']) or 'none'}",
+        highlight=False,
+    )
+    facts = gather(registry, name, audit=audit, witness=RegistryWitness(registry, audit.path).head())
+    write_documents(facts, report_dir)  # again: the monitoring evidence is there now
+    open_items = [e for e in json.loads((report_dir / "compliance.json").read_text())["open_items"]]
+    console.print(f"compliance report updated; open items: {', '.join(o['id'] for o in open_items) or 'none'}")
     return Released(name, ROUTE, report_dir, log_path, len(open_items))
-    return log_path

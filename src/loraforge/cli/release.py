@@ -41,7 +41,7 @@ OptionalReason = Annotated[str | None, typer.Option(help="Why (recorded in the h
 release_app = typer.Typer(help="Release records: an adapter's state and history, routes, the approval policy.")
 
 
-def _context(home: Path | None, url: str | None, key: str | None) -> tuple[KeyRecord, Release, Deployments]:
+def context(home: Path | None, url: str | None, key: str | None) -> tuple[KeyRecord, Release, Deployments]:
     from loraforge.govern.audit_witness import audit_log
     from loraforge.govern.deploy import Deployments
     from loraforge.govern.release import Release
@@ -77,7 +77,7 @@ def approve(
     home: Home = None,
 ) -> None:
     """Approve an evaluated adapter (an approver's key; never the key or person that created it)."""
-    who, release, _ = _context(home, database_url, key)
+    who, release, _ = context(home, database_url, key)
     step = release.approve(who, adapter, reason=reason, override=override)
     if step.state == "approved":
         console.print(f"[green]approved[/] {escape(adapter)} ({step.approvals} of {step.required} approvals)")
@@ -97,7 +97,7 @@ def reject(
     home: Home = None,
 ) -> None:
     """Reject an evaluated or approved adapter: it goes back to draft, its approvals void."""
-    who, release, _ = _context(home, database_url, key)
+    who, release, _ = context(home, database_url, key)
     release.reject(who, adapter, reason=reason)
     console.print(f"rejected {escape(adapter)}: back to draft")
 
@@ -110,7 +110,7 @@ def retire(
     home: Home = None,
 ) -> None:
     """Retire an adapter for good (an admin's key): it is never served or deployed again."""
-    who, release, _ = _context(home, database_url, key)
+    who, release, _ = context(home, database_url, key)
     release.retire(who, adapter, reason=reason)
     console.print(f"retired {escape(adapter)}")
 
@@ -124,7 +124,7 @@ def deploy(
     home: Home = None,
 ) -> None:
     """Serve an approved adapter under ROUTE (an admin's key); running servers switch at their next request."""
-    who, _, deployments = _context(home, database_url, key)
+    who, _, deployments = context(home, database_url, key)
     binding = deployments.deploy(who, route, adapter, reason=reason)
     console.print(f"[green]deployed[/] {escape(adapter)} on route {escape(route)} (deployment {binding.deployment})")
 
@@ -137,7 +137,7 @@ def rollback(
     home: Home = None,
 ) -> None:
     """Restore the adapter ROUTE served before its current deployment (an admin's key), without a restart."""
-    who, _, deployments = _context(home, database_url, key)
+    who, _, deployments = context(home, database_url, key)
     binding = deployments.rollback(who, route, reason=reason)
     console.print(f"rolled back {escape(route)}: it serves {escape(binding.adapter)} again")
 
@@ -151,7 +151,7 @@ def release_status(
     home: Home = None,
 ) -> None:
     """An adapter's state, approvals, verdict, routes and every step of its history."""
-    who, release, _ = _context(home, database_url, key)
+    who, release, _ = context(home, database_url, key)
     status = release.status(who, adapter)
     if as_json:
         console.print_json(json.dumps(status))
@@ -178,7 +178,7 @@ def release_routes(key: Key = None, database_url: DatabaseUrl = None, home: Home
     from loraforge.govern.deploy import bindings
     from loraforge.govern.release import in_scope
 
-    who, release, _ = _context(home, database_url, key)
+    who, release, _ = context(home, database_url, key)
     table = Table("route", "owner", "adapter", "deployment")
     for b in bindings(release.registry):
         if in_scope(who, b.tenant):
@@ -195,7 +195,7 @@ def release_policy(
     home: Home = None,
 ) -> None:
     """Require APPROVALS distinct approvers for a tenant's adapters (an admin's key)."""
-    who, release, _ = _context(home, database_url, key)
+    who, release, _ = context(home, database_url, key)
     release.set_policy(who, tenant, approvals)
     console.print(f"{tenant or 'every tenant'}: {approvals} approval(s) required")
 

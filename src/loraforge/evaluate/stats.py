@@ -101,3 +101,67 @@ def paired_bootstrap(
     idx = rng.integers(0, a.size, size=(resamples, a.size))
     low, high = _percentiles(statistic(a[idx]) - statistic(b[idx]), level)
     return Estimate(float(statistic(a) - statistic(b)), low, high, int(a.size))
+
+
+def wilson(successes: int, n: int, *, z: float = 1.959964) -> Estimate:
+    """A proportion with its Wilson score interval (sound at 0, 1 and small ``n``; ``n`` 0 gives 0..1)."""
+    if n == 0:
+        return Estimate(0.0, 0.0, 1.0, 0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``treatment - control`` of two independent groups' means, its interval and two-sided p-value."""
+
+    difference: Estimate
+    p_value: float
+
+    @property
+    def significant(self) -> bool:
+        return self.difference.low > 0 or self.difference.high < 0
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.difference.to_json(), "p_value": self.p_value, "significant": self.significant}
+
+
+def cluster_bootstrap_difference(
+    control: Sequence[Sequence[float]],
+    treatment: Sequence[Sequence[float]],
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Comparison:
+    """The difference of two groups' mean values, resampling *clusters* (one per end user).
+
+    A user who rates ten answers gives ten correlated values: resampling users, not values, keeps
+    them together, so the interval is not narrowed by one enthusiastic user. Each group is a list of
+    clusters, each a list of values (a user without an id is a cluster of one). The p-value is the
+    bootstrap's two-sided share of replicates on the other side of zero (at least 1/resamples).
+
+    Raises:
+        ValueError: a group without a value.
+    """
+    rng = np.random.default_rng(seed)
+
+    def replicates(groups: Sequence[Sequence[float]]) -> tuple[float, np.ndarray]:
+        sums = np.array([sum(c) for c in groups if len(c)], dtype=np.float64)
+        counts = np.array([len(c) for c in groups if len(c)], dtype=np.float64)
+        if counts.size == 0:
+            raise ValueError("each group needs at least one value")
+        idx = rng.integers(0, counts.size, size=(resamples, counts.size))
+        return float(sums.sum() / counts.sum()), sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+
+    c_value, c_reps = replicates(control)
+    t_value, t_reps = replicates(treatment)
+    diffs = t_reps - c_reps
+    low, high = _percentiles(diffs, level)
+    below = float(np.mean(diffs <= 0))
+    above = float(np.mean(diffs >= 0))
+    p = min(1.0, max(1.0 / resamples, 2 * min(below, above)))
+    n = sum(len(c) for c in control) + sum(len(c) for c in treatment)
+    return Comparison(Estimate(t_value - c_value, low, high, n), p)

@@ -14,6 +14,8 @@ goes two steps back, not back and forth.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +27,30 @@ from loraforge.errors import ReleaseError
 from loraforge.govern.audit import AuditLog
 from loraforge.govern.release import Principal, actor_name, audited, in_scope, record, require_admin, routes_serving
 from loraforge.registry.database import Registry
-from loraforge.registry.schema import Adapter, Deployment, Route, ensure_tenant, valid_name
+from loraforge.registry.schema import Adapter, Deployment, Pilot, Route, ensure_tenant, valid_name
 
 DEPLOYABLE = ("approved", "deployed")
+CONTROL = "control"
+CHALLENGER = "challenger"
+DRAWS = 10_000  # a pilot's assignment resolution: percent × 100 of the draws go to the challenger
+
+
+@dataclass(frozen=True)
+class PilotArm:
+    """A running pilot, as a request resolves it."""
+
+    id: int
+    adapter: str  # the challenger
+    percent: int
+
+    def arm(self, user: str | None) -> str:
+        """The arm of ``user``: always the same in this pilot; random for a request without a user id."""
+        if user is None:
+            draw = secrets.randbelow(DRAWS)
+        else:
+            digest = hashlib.sha256(f"{self.id}\x00{user}".encode()).digest()
+            draw = int.from_bytes(digest[:8], "big") % DRAWS
+        return CHALLENGER if draw < self.percent * DRAWS // 100 else CONTROL
 
 
 @dataclass(frozen=True)
@@ -38,13 +61,38 @@ class Binding:
     tenant: str | None
     adapter: str
     deployment: int
+    pilot: PilotArm | None = None  # a running pilot sends some end users to its challenger
 
     def to_json(self) -> dict[str, Any]:
-        return {"route": self.route, "tenant": self.tenant, "adapter": self.adapter, "deployment": self.deployment}
+        out: dict[str, Any] = {
+            "route": self.route,
+            "tenant": self.tenant,
+            "adapter": self.adapter,
+            "deployment": self.deployment,
+        }
+        if self.pilot is not None:
+            out["pilot"] = {"id": self.pilot.id, "challenger": self.pilot.adapter, "percent": self.pilot.percent}
+        return out
+
+    def choose(self, user: str | None) -> tuple[str, str | None]:
+        """The adapter that answers ``user`` and its pilot arm (None without a pilot)."""
+        if self.pilot is None:
+            return self.adapter, None
+        arm = self.pilot.arm(user)
+        return (self.pilot.adapter if arm == CHALLENGER else self.adapter), arm
 
 
 def active(s: Session, route: str) -> Deployment | None:
     return s.scalars(select(Deployment).where(Deployment.route == route, Deployment.ended_at.is_(None))).first()
+
+
+def _no_pilot(s: Session, route: str) -> None:
+    if s.scalars(select(Pilot.id).where(Pilot.route == route, Pilot.ended_at.is_(None))).first() is not None:
+        raise ReleaseError(
+            f"route {route!r} runs a pilot; stop or promote it first (`loraforge pilot stop|promote {route}`)",
+            status=409,
+            code="pilot_running",
+        )
 
 
 def resolve(registry: Registry, name: str) -> Binding | None:
@@ -56,11 +104,13 @@ def resolve(registry: Registry, name: str) -> Binding | None:
         current = active(s, name)
         if current is None:
             return None
-        return Binding(name, route.tenant, current.adapter, current.id)
+        pilot = s.scalars(select(Pilot).where(Pilot.route == name, Pilot.ended_at.is_(None))).first()
+        arm = PilotArm(pilot.id, pilot.adapter, pilot.percent) if pilot is not None else None
+        return Binding(name, route.tenant, current.adapter, current.id, arm)
 
 
 def bindings(registry: Registry) -> list[Binding]:
-    """Every route that serves an adapter now."""
+    """Every route that serves an adapter now, with its running pilot."""
     with registry.reading() as s:
         rows = s.execute(
             select(Route.name, Route.tenant, Deployment.adapter, Deployment.id)
@@ -68,7 +118,13 @@ def bindings(registry: Registry) -> list[Binding]:
             .where(Deployment.ended_at.is_(None))
             .order_by(Route.name)
         ).all()
-    return [Binding(*row) for row in rows]
+        pilots = {
+            p.route: PilotArm(p.id, p.adapter, p.percent)
+            for p in s.scalars(select(Pilot).where(Pilot.ended_at.is_(None)))
+        }
+    return [
+        Binding(route, tenant, adapter, deployment, pilots.get(route)) for route, tenant, adapter, deployment in rows
+    ]
 
 
 class Deployments:
@@ -142,10 +198,11 @@ class Deployments:
                     status=409,
                     code="other_owner",
                 )
+            _no_pilot(s, route)
             current = active(s, route)
             if current is not None and current.adapter == adapter:
                 raise ReleaseError(f"{route!r} serves {adapter!r} already", status=409, code="already_deployed")
-            return self._switch(s, who, bound, current, adapter, "deploy", current.id if current else None, reason)
+            return self.switch(s, who, bound, current, adapter, "deploy", current.id if current else None, reason)
 
     def rollback(self, who: Principal, route: str, *, reason: str | None = None) -> Binding:
         """Restore the adapter the route served before its current deployment.
@@ -164,6 +221,7 @@ class Deployments:
             bound = s.get(Route, route)
             if bound is None or not in_scope(who, bound.tenant):
                 raise ReleaseError(f"no route {route!r} for this key", status=404, code="route_not_found")
+            _no_pilot(s, route)
             current = active(s, route)
             previous = s.get(Deployment, current.previous_id) if current and current.previous_id else None
             if current is None or previous is None:
@@ -180,9 +238,9 @@ class Deployments:
                     status=409,
                     code="not_approved",
                 )
-            return self._switch(s, who, bound, current, previous.adapter, "rollback", previous.previous_id, reason)
+            return self.switch(s, who, bound, current, previous.adapter, "rollback", previous.previous_id, reason)
 
-    def _switch(
+    def switch(
         self,
         s: Session,
         who: Principal,

@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from loraforge.errors import ReleaseError
 from loraforge.govern.audit import AuditLog
 from loraforge.registry.database import Registry
-from loraforge.registry.schema import Adapter, AdapterTransition, Deployment, Evaluation, ReleasePolicy
+from loraforge.registry.schema import Adapter, AdapterTransition, Deployment, Evaluation, Pilot, ReleasePolicy
 
 STATES = ("draft", "evaluated", "approved", "deployed", "retired")
 ROLES = ("user", "developer", "approver", "auditor", "admin")  # "user": a developer key of older versions
@@ -199,10 +199,10 @@ def record(
 
 
 def routes_serving(s: Session, adapter: str) -> list[str]:
-    """The routes whose current deployment is ``adapter``."""
-    return sorted(
-        s.scalars(select(Deployment.route).where(Deployment.adapter == adapter, Deployment.ended_at.is_(None))).all()
-    )
+    """The routes that send requests to ``adapter`` now: deployed on them, or their running pilot's challenger."""
+    deployed = s.scalars(select(Deployment.route).where(Deployment.adapter == adapter, Deployment.ended_at.is_(None)))
+    piloted = s.scalars(select(Pilot.route).where(Pilot.adapter == adapter, Pilot.ended_at.is_(None)))
+    return sorted({*deployed, *piloted})
 
 
 def latest_evaluation(s: Session, name: str) -> Evaluation | None:

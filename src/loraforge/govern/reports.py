@@ -29,6 +29,7 @@ from sqlalchemy import select
 from loraforge.errors import ConfigError
 from loraforge.files import write_text_atomic
 from loraforge.govern.audit import AuditLog, verify_audit_log
+from loraforge.govern.monitor import describe, production_record
 from loraforge.govern.release import Principal, history, in_scope, latest_evaluation
 from loraforge.registry.database import Registry
 from loraforge.registry.schema import Adapter, Deployment, Evaluation, Job
@@ -130,6 +131,7 @@ def gather(
             }
             for d in deployments
         ]
+        monitoring = production_record(s, name)
         job_row = (
             {"id": job.id, "status": job.status, "created_by": job.created_by, "trained_tokens": job.trained_tokens}
             if job
@@ -151,6 +153,7 @@ def gather(
         "evaluation_report": report,
         "history": steps,
         "deployments": deployment_rows,
+        "monitoring": monitoring,
         "audit": audit_part,
     }
 
@@ -311,12 +314,13 @@ def evidence(facts: dict[str, Any], notes: dict[str, Any] | None = None) -> list
         None,
         "no guardrail policy is configured for its routes: serving-time input and output checks are not in place",
     )
+    monitoring = facts.get("monitoring") or {}
     add(
         "monitoring",
-        False,
-        "",
-        None,
-        "no production monitoring record for its routes (requests, feedback, input drift) is kept yet",
+        monitoring.get("requests") is not None,
+        describe(monitoring) if monitoring.get("requests") else "",
+        monitoring or None,
+        "no request to it is recorded yet: deploy it on a route (`loraforge monitor` reads every request)",
     )
     stated = {k: notes.get(k) for k in NOTE_FIELDS if notes.get(k)}
     add(

@@ -10,9 +10,10 @@
              ├─< adapters >── jobs             (registrations; lineage: base hash → files → job → evaluations)
              │     ├─< evaluations
              │     └─< adapter_transitions     (draft → evaluated → approved → deployed → retired: who, when, why)
-             ├─< routes ─< deployments         (a model name clients use → the adapter deployed under it)
+             ├─< routes ─┬< deployments        (a model name clients use → the adapter deployed under it)
+             │           └< pilots             (a share of its end users sent to a challenger adapter)
              ├─< release_policies              (approvals required; "*" for every tenant)
-             └─< usage_records
+             └─< usage_records ─ feedback      (each request: tokens, cost, adapter, arm, latency, drift; ratings)
     audit_heads                                (the audit log's last count and hash: a deleted tail is caught)
 
 Times are UNIX seconds (floats), as everywhere else in loraforge. JSON columns hold what has no
@@ -276,9 +277,57 @@ class AuditHead(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class Pilot(Base):
+    """A split of a route's traffic: ``percent`` of its end users get ``adapter`` (the challenger),
+    the others the route's deployed adapter (the control), from ``started_at`` until ``ended_at``."""
+
+    __tablename__ = "pilots"
+    __table_args__ = (Index("ix_pilots_route_ended_at", "route", "ended_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    route: Mapped[str] = mapped_column(ForeignKey("routes.name"))
+    control: Mapped[str] = mapped_column(String(255))  # the route's adapter when the pilot started
+    adapter: Mapped[str] = mapped_column(String(255))  # the challenger
+    percent: Mapped[int] = mapped_column(Integer)  # of end users sent to the challenger
+    actor: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)  # stopped | promoted
+    ended_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class Feedback(Base):
+    """An end user's rating of one response (``request_id``): thumbs (1/0) or 1-5, scored 0..1."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(ID), unique=True)
+    tenant: Mapped[str] = mapped_column(String(NAME), index=True)
+    key_id: Mapped[str] = mapped_column(String(ID))
+    rating: Mapped[int] = mapped_column(Integer)  # thumbs: 1 up, 0 down; stars: 1-5
+    scale: Mapped[str] = mapped_column(String(8))  # thumbs | stars
+    score: Mapped[float] = mapped_column(Float)  # the rating on 0..1 (thumbs as is, stars (r-1)/4)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class UsageRecord(Base):
+    """One finished request: its tokens and cost, and for monitoring what served it and how it went.
+
+    ``route`` is the name a client called when it was a route; ``adapter`` the adapter that answered
+    (None: the base model); ``arm`` and ``pilot_id`` the pilot arm that took it; ``user_hash`` a
+    hash of the end user's id (the id itself is never stored).
+    """
+
     __tablename__ = "usage_records"
-    __table_args__ = (Index("ix_usage_records_tenant_ts", "tenant", "ts"),)
+    __table_args__ = (
+        Index("ix_usage_records_tenant_ts", "tenant", "ts"),
+        Index("ix_usage_records_model_ts", "model", "ts"),
+        Index("ix_usage_records_pilot_id", "pilot_id"),
+        Index("ix_usage_records_request_id", "request_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     ts: Mapped[float] = mapped_column(Float)
@@ -289,6 +338,16 @@ class UsageRecord(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     cost: Mapped[float] = mapped_column(Float)
+    adapter: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    route: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    pilot_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    arm: Mapped[str | None] = mapped_column(String(16), nullable=True)  # control | challenger
+    user_hash: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    status: Mapped[int] = mapped_column(Integer, server_default="200")
+    latency_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    refusal: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # the answer refused (None: no answer)
+    novelty: Mapped[float | None] = mapped_column(Float, nullable=True)  # input drift (``data.drift``)
+    unfamiliar: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
 class Migration(Base):

@@ -25,7 +25,11 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 MAX_LORA_RANK = 64
 MAX_ADAPTER_BYTES = 1 << 30  # one file of an adapter (a rank-64 adapter of an 8B model is ~0.7 GB)
-EVIDENCE_FILES = ("loss.png", "metrics.jsonl")  # copied beside the adapter for a reviewer of the store
+EVIDENCE_FILES = (
+    "loss.png",
+    "metrics.jsonl",
+    "input_profile.json",
+)  # copied beside the adapter for a reviewer of the store
 KEY_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 

@@ -3,6 +3,7 @@
 Endpoints::
 
     POST /v1/chat/completions   POST /v1/completions     GET /v1/models[/{id}]   GET /v1/usage
+    POST /v1/feedback           (an end user's rating of a response: serve/feedback.py)
     GET  /health  /ready  /metrics
     GET  /v1/admin/adapters  POST /v1/admin/adapters/load  POST /v1/admin/adapters/unload
          (admin keys only, and only when ``admin_endpoints`` is switched on)
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge.govern.audit import AuditLog
 from loraforge.govern.deploy import Deployments
+from loraforge.govern.pilot import Pilots
 from loraforge.govern.release import Release
 from loraforge.jobs.files import FileService
 from loraforge.jobs.service import JobService
@@ -34,6 +36,7 @@ from loraforge.serve.adapter_cache import AdapterCache
 from loraforge.serve.adapters import AdapterStore, Registration
 from loraforge.serve.api_errors import APIError, not_found, sse
 from loraforge.serve.config import ServeConfig
+from loraforge.serve.feedback import FeedbackBody, FeedbackBook
 from loraforge.serve.jobs_routes import add_jobs_routes
 from loraforge.serve.keys import KeyRecord, KeyStore
 from loraforge.serve.protocol import ChatCompletionRequest, CompletionRequest, LoadRequest
@@ -51,6 +54,7 @@ ROUTES = (
     "/v1/completions",
     "/v1/models",
     "/v1/usage",
+    "/v1/feedback",
     "/health",
     "/ready",
     "/metrics",
@@ -190,6 +194,7 @@ def create_app(
 ) -> FastAPI:
     """Build the application; every dependency is handed in (no module-level state)."""
     app = FastAPI(title="loraforge", docs_url=None, redoc_url=None, openapi_url=None)
+    feedback = FeedbackBook(service.usage.registry, metrics)
     if config.admin_endpoints:
         log.warning("admin endpoints are ON: admin keys can load and unload adapters over HTTP")
 
@@ -366,13 +371,17 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, req: ChatCompletionRequest, key: KeyRecord = Depends(user)) -> Response:  # noqa: B008
-        _, items = await service.chat(key, req)
+        _, items = await service.chat(key, req, user=end_user(request))
         return await respond(request, req.stream, items)
 
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest, key: KeyRecord = Depends(user)) -> Response:  # noqa: B008
-        _, items = await service.completion(key, req)
+        _, items = await service.completion(key, req, user=end_user(request))
         return await respond(request, req.stream, items)
+
+    @app.post("/v1/feedback")
+    async def rate(body: FeedbackBody, key: KeyRecord = Depends(user)) -> dict[str, Any]:  # noqa: B008
+        return await asyncio.to_thread(feedback.rate, key, body)
 
     @app.get("/v1/usage")
     async def usage(request: Request, key: KeyRecord = Depends(caller)) -> dict[str, Any]:  # noqa: B008
@@ -402,8 +411,13 @@ def create_app(
                 raise APIError(404, f"adapter {req.name!r} is not loaded", code="not_loaded", param="name")
         return {"name": req.name, "loaded": False}
 
-    add_release_routes(app, caller, admin_enabled, release, deployments)
+    add_release_routes(app, caller, admin_enabled, release, deployments, Pilots(deployments))
     return app
+
+
+def end_user(request: Request) -> str | None:
+    """The ``X-End-User`` header: the end user's id for a client that cannot set the ``user`` field."""
+    return request.headers.get("x-end-user", "").strip() or None
 
 
 def _retry(err: APIError) -> dict[str, str] | None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from loraforge.govern.pilot import user_hash
 from loraforge.serve.adapter_cache import LoadedAdapter
 from loraforge.serve.adapters import Registration
 from loraforge.serve.api_errors import APIError, engine_unavailable
@@ -25,6 +26,7 @@ from loraforge.serve.generation import (
     EngineBusy,
     EngineUnavailable,
     ErrorEvent,
+    FinishEvent,
     Generation,
     GenerationRequest,
     SamplingParams,
@@ -32,6 +34,7 @@ from loraforge.serve.generation import (
 )
 from loraforge.serve.keys import KeyRecord
 from loraforge.serve.limits import LimitExceeded, RateLimiter
+from loraforge.serve.observe import BASE, MAX_ANSWER_CHARS, Observer
 from loraforge.serve.telemetry import Metrics
 from loraforge.serve.usage import UsageLedger
 
@@ -51,6 +54,18 @@ class Call:
     started: float
     first_token: float | None = None
     completion_tokens: int = 0
+    route: str | None = None  # the route called, when the model was one
+    pilot: int | None = None  # the route's pilot, when one took the request
+    arm: str | None = None
+    user_hash: str | None = None  # the end user's pseudonym (``govern.pilot.user_hash``)
+    prompt_text: str | None = None  # what the user asked (input drift); None for token-id prompts
+    answer: str | None = None  # the first choice's text, up to ``MAX_ANSWER_CHARS`` (refusals)
+
+    def heard(self, text: str) -> None:
+        """Keep the start of the first choice's answer."""
+        have = self.answer or ""
+        if len(have) < MAX_ANSWER_CHARS:
+            self.answer = have + text[: MAX_ANSWER_CHARS - len(have)]
 
 
 def cache_scope(tenant: str, adapter: Registration | None) -> str:
@@ -84,6 +99,7 @@ class CallGate:
         limiter: RateLimiter,
         usage: UsageLedger,
         metrics: Metrics,
+        observer: Observer,
         default_max_tokens: int,
         request_timeout_s: float,
         max_echo_tokens: int,
@@ -93,6 +109,7 @@ class CallGate:
         self.limiter = limiter
         self.usage = usage
         self.metrics = metrics
+        self.observer = observer
         self.default_max_tokens = default_max_tokens
         self.request_timeout_s = request_timeout_s
         self.max_echo_tokens = max_echo_tokens
@@ -107,6 +124,8 @@ class CallGate:
         *,
         echo: bool = False,
         count: int = 1,
+        user: str | None = None,
+        text: str | None = None,
     ) -> tuple[Call, list[list[int]], int]:
         """Admit a request, cheapest checks first: the key's request limits, the model's name,
         then (off the event loop) the prompts' tokens, their size, the key's token budget, and
@@ -114,6 +133,8 @@ class CallGate:
 
         Args:
             count: how many prompts ``tokenize`` will give (checked against the batch before it runs).
+            user: the end user's id (the request's ``user``): their pilot arm, and their feedback's group.
+            text: what the prompt asks, in words (input drift); None for token ids.
         """
         try:
             self.limiter.begin(key.id)
@@ -121,7 +142,9 @@ class CallGate:
             raise APIError(429, str(e), code="rate_limit_exceeded", retry_after=e.retry_after) from e
         reserved = 0
         try:
-            reg = self.catalog.registration(key, model)
+            person = user_hash(key.tenant, user) if user else None
+            target = self.catalog.target(key, model, person)
+            reg = target.registration
             self._check_count(count, n)
             prompts = await asyncio.to_thread(tokenize)
             max_tokens = self._check_size(prompts, max_tokens, n, echo=echo)
@@ -143,6 +166,11 @@ class CallGate:
             prompt_tokens=sum(len(p) for p in prompts),
             reserved=reserved,
             started=time.perf_counter(),
+            route=target.route,
+            pilot=target.pilot,
+            arm=target.arm,
+            user_hash=person,
+            prompt_text=text,
         )
         return call, prompts, max_tokens
 
@@ -195,7 +223,11 @@ class CallGate:
         return max_tokens
 
     def finish(self, call: Call, status: int) -> None:
+        """Settle a call: its key's limits, its usage row, its metrics and one log line."""
         self.limiter.end(call.key.id, call.reserved, call.prompt_tokens + call.completion_tokens)
+        latency = time.perf_counter() - call.started
+        reg = call.adapter.registration if call.adapter else None
+        seen = self.observer.observe(reg, call.prompt_text, call.answer if status < 400 else None)
         entry = self.usage.record(
             request_id=call.request_id,
             tenant=call.key.tenant,
@@ -203,11 +235,27 @@ class CallGate:
             model=call.model,
             prompt_tokens=call.prompt_tokens,
             completion_tokens=call.completion_tokens,
+            adapter=reg.name if reg else None,
+            route=call.route,
+            pilot_id=call.pilot,
+            arm=call.arm,
+            user_hash=call.user_hash,
+            status=status,
+            latency_s=round(latency, 4),
+            refusal=seen.refusal,
+            novelty=seen.novelty,
+            unfamiliar=seen.unfamiliar,
         )
-        self.metrics.prompt_tokens.labels(call.key.tenant, call.model).inc(call.prompt_tokens)
-        self.metrics.completion_tokens.labels(call.key.tenant, call.model).inc(call.completion_tokens)
+        m, label = self.metrics, reg.name if reg else BASE
+        m.prompt_tokens.labels(call.key.tenant, call.model).inc(call.prompt_tokens)
+        m.completion_tokens.labels(call.key.tenant, call.model).inc(call.completion_tokens)
+        m.cost.labels(call.key.tenant, call.model).inc(entry["cost"])
+        m.model_requests.labels(call.model, label, str(status)).inc()
+        m.model_latency.labels(call.model, label).observe(latency)
+        if call.route is not None and call.arm is not None:
+            m.pilot_requests.labels(call.route, call.arm).inc()
         if call.first_token is not None:
-            self.metrics.ttft.observe(call.first_token - call.started)
+            m.ttft.observe(call.first_token - call.started)
         log.info(
             "request finished",
             extra={
@@ -216,11 +264,13 @@ class CallGate:
                     "tenant": call.key.tenant,
                     "key_id": call.key.id,
                     "model": call.model,
+                    "adapter": reg.name if reg else None,
+                    "arm": call.arm,
                     "status": status,
                     "prompt_tokens": call.prompt_tokens,
                     "completion_tokens": call.completion_tokens,
                     "cost": entry["cost"],
-                    "latency_s": round(time.perf_counter() - call.started, 4),
+                    "latency_s": round(latency, 4),
                     "ttft_s": round(call.first_token - call.started, 4) if call.first_token else None,
                 }
             },
@@ -281,6 +331,8 @@ class CallGate:
                     call.first_token = time.perf_counter()
                 if isinstance(event, TokenEvent):
                     call.completion_tokens += 1
+                if isinstance(event, (TokenEvent, FinishEvent)) and i == 0 and event.index == 0 and event.text:
+                    call.heard(event.text)
                 yield i, event
         except TimeoutError as e:
             raise APIError(

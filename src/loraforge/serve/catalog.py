@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from loraforge.errors import ModelError
 from loraforge.govern.deploy import Binding, bindings, resolve
@@ -24,6 +25,17 @@ from loraforge.serve.limits import LimitExceeded, RateLimiter
 from loraforge.serve.protocol import ModelCard
 
 log = logging.getLogger("loraforge.serve")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's model name resolved to: the adapter (None: the base model), and when the
+    name was a route, the route and the pilot arm that took the request."""
+
+    registration: Registration | None
+    route: str | None = None
+    pilot: int | None = None
+    arm: str | None = None
 
 
 def serves(binding: Binding, reg: Registration, key: KeyRecord) -> bool:
@@ -102,19 +114,25 @@ class ModelCatalog:
 
     def registration(self, key: KeyRecord, model: str) -> Registration | None:
         """The adapter registration the caller may use under the name ``model`` (None = the base model)."""
+        return self.target(key, model).registration
+
+    def target(self, key: KeyRecord, model: str, user: str | None = None) -> Target:
+        """What answers ``key`` under the name ``model``; on a route with a running pilot, the arm of
+        the end user ``user`` (a pseudonym: the same user, the same arm) decides which adapter."""
         production = key.environment == "production"
         if model == self.engine.model_id and not production:
-            return None
+            return Target(None)
         binding = resolve(self.store.registry, model)
         if binding is not None:
-            reg = self.store.get(binding.adapter)
+            adapter, arm = binding.choose(user)
+            reg = self.store.get(adapter)
             if reg is None or not serves(binding, reg, key):
                 raise not_found(model)
-            return reg
+            return Target(reg, binding.route, binding.pilot.id if binding.pilot else None, arm)
         reg = None if production else self.store.get(model)
         if reg is None or not reg.servable or not reg.visible_to(key.tenant):
             raise not_found(model)
-        return reg
+        return Target(reg)
 
     async def resolve(self, key: KeyRecord, model: str) -> LoadedAdapter | None:
         """The adapter the caller may use under the name ``model`` (None = the base model), in memory."""

@@ -102,6 +102,10 @@ class ServeConfig:
     prefix_cache_mb: int = 256
     """Memory for the keys and values of prompt prefixes seen before (0 = off). A request that starts
     like an earlier one of the same tenant and adapter (a shared system prompt) skips their prefill."""
+    monitor_window: int = 50
+    """Prompts per adapter in the input drift window: the share of them unlike the adapter's training
+    prompts is watched, and a full window above 5% plus three standard deviations raises the alert
+    (docs/monitoring.md)."""
     threads: int | None = None
     """PyTorch threads for the engine (default: PyTorch's choice, one per core)."""
 
@@ -121,6 +125,7 @@ class ServeConfig:
             "max_echo_tokens",
             "max_lora_rank",
             "adapter_loads_per_minute",
+            "monitor_window",
         )
         for name in positive:
             if getattr(self, name) < 1:

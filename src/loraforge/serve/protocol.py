@@ -52,7 +52,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
-    user: str | None = None
+    user: str | None = None  # the end user's id (stored only as a hash): pilot arms, feedback groups
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end of turn before this many tokens
     # Accepted only at their neutral values (see the module docstring).
     presence_penalty: float = 0.0

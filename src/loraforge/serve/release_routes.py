@@ -1,4 +1,5 @@
-"""The release endpoints: approve, reject, retire, deploy, roll back, policy, history and reports.
+"""The release endpoints: approve, reject, retire, deploy, roll back, pilots, monitoring, policy,
+history and reports.
 
 Each one calls the same ``govern`` code as the CLI (``loraforge approve …``), with the same checks
 and the same audit records; a refusal answers with its reason and the status the rule gives (403
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from loraforge.errors import ConfigError, ReleaseError
 from loraforge.govern.audit_witness import RegistryWitness
 from loraforge.govern.deploy import Deployments, bindings
+from loraforge.govern.monitor import summary
+from loraforge.govern.pilot import Pilots
 from loraforge.govern.release import READERS, Release, in_scope
 from loraforge.govern.report_html import render
 from loraforge.govern.reports import compliance_report, gather, model_card
@@ -51,6 +54,12 @@ class RollbackBody(_Body):
     reason: str | None = Field(None, max_length=REASON)
 
 
+class PilotBody(_Body):
+    adapter: str = Field(max_length=255)
+    percent: int = Field(ge=1, le=99)
+    reason: str | None = Field(None, max_length=REASON)
+
+
 class PolicyBody(_Body):
     tenant: str | None = Field(None, max_length=64)
     approvals_required: int
@@ -70,6 +79,7 @@ def add_release_routes(
     enabled: Callable[[Request], None],
     release: Release,
     deployments: Deployments,
+    pilots: Pilots,
 ) -> None:
     """Add the release endpoints to ``app``; ``enabled`` answers 404 when admin endpoints are off."""
 
@@ -116,6 +126,40 @@ def add_release_routes(
     @app.post("/v1/admin/routes/{route}/rollback")
     async def rollback(route: str, body: RollbackBody, who: KeyRecord = Depends(key)) -> dict[str, Any]:  # noqa: B008
         return (await _run(lambda: deployments.rollback(who, route, reason=body.reason))).to_json()
+
+    @app.post("/v1/admin/routes/{route}/pilot")
+    async def pilot_start(route: str, body: PilotBody, who: KeyRecord = Depends(key)) -> dict[str, Any]:  # noqa: B008
+        step = await _run(lambda: pilots.start(who, route, body.adapter, body.percent, reason=body.reason))
+        return step.to_json()
+
+    @app.post("/v1/admin/routes/{route}/pilot/stop")
+    async def pilot_stop(route: str, body: RollbackBody, who: KeyRecord = Depends(key)) -> dict[str, Any]:  # noqa: B008
+        return (await _run(lambda: pilots.stop(who, route, reason=body.reason))).to_json()
+
+    @app.post("/v1/admin/routes/{route}/pilot/promote")
+    async def pilot_promote(route: str, body: RollbackBody, who: KeyRecord = Depends(key)) -> dict[str, Any]:  # noqa: B008
+        return (await _run(lambda: pilots.promote(who, route, reason=body.reason))).to_json()
+
+    @app.get("/v1/admin/routes/{route}/pilots")
+    async def pilot_list(route: str, who: KeyRecord = Depends(reader)) -> dict[str, Any]:  # noqa: B008
+        return {"object": "list", "data": await _run(lambda: pilots.list(who, route))}
+
+    @app.get("/v1/admin/routes/{route}/pilot/report")
+    async def pilot_report(route: str, request: Request, who: KeyRecord = Depends(reader)) -> dict[str, Any]:  # noqa: B008
+        raw = request.query_params.get("pilot")
+        if raw is not None and not raw.isdigit():
+            raise APIError(400, "pilot is a pilot's number (GET …/pilots lists them)", code="invalid_request")
+        return await _run(lambda: pilots.report(who, route, int(raw) if raw else None))
+
+    @app.get("/v1/admin/monitor/{name}")
+    async def monitor(name: str, request: Request, who: KeyRecord = Depends(reader)) -> dict[str, Any]:  # noqa: B008
+        """A route's or adapter's monitoring summary: ``since`` and ``bucket`` in seconds."""
+        try:
+            since = float(request.query_params.get("since", 86_400))
+            bucket = float(request.query_params.get("bucket", 3_600))
+        except ValueError as e:
+            raise APIError(400, "since and bucket are seconds", code="invalid_request") from e
+        return await _run(lambda: summary(release.registry, who, name, since_s=since, bucket_s=bucket))
 
     @app.get("/v1/admin/adapters/{adapter}/report")
     async def documents(adapter: str, request: Request, who: KeyRecord = Depends(reader)) -> Response:  # noqa: B008

@@ -170,6 +170,7 @@ def build_server(
         request_timeout_s=config.request_timeout_s,
         created=int(time.time()),
         max_echo_tokens=config.max_echo_tokens,
+        monitor_window=config.monitor_window,
     )
     files = FileService(
         registry,

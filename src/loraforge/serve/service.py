@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraforge.data.drift import DEFAULT_WINDOW, prompt_texts
 from loraforge.data.templates import render
 from loraforge.serve.adapter_cache import AdapterCache
 from loraforge.serve.adapters import AdapterStore
@@ -33,6 +34,7 @@ from loraforge.serve.generation import (
 )
 from loraforge.serve.keys import KeyRecord
 from loraforge.serve.limits import RateLimiter
+from loraforge.serve.observe import Observer
 from loraforge.serve.protocol import ChatCompletionRequest, CompletionRequest, chat_logprob_entry
 from loraforge.serve.telemetry import Metrics
 from loraforge.serve.usage import UsageLedger
@@ -58,6 +60,7 @@ class InferenceService:
         request_timeout_s: float,
         created: int,
         max_echo_tokens: int = 1024,
+        monitor_window: int = DEFAULT_WINDOW,
     ) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -66,12 +69,14 @@ class InferenceService:
         self.limiter = limiter
         self.usage = usage
         self.catalog = ModelCatalog(engine, store=store, cache=cache, limiter=limiter, created=created)
+        self.observer = Observer(store, metrics, window=monitor_window)
         self.calls = CallGate(
             engine,
             self.catalog,
             limiter=limiter,
             usage=usage,
             metrics=metrics,
+            observer=self.observer,
             default_max_tokens=default_max_tokens,
             request_timeout_s=request_timeout_s,
             max_echo_tokens=max_echo_tokens,
@@ -87,11 +92,23 @@ class InferenceService:
             ) from e
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def chat(self, key: KeyRecord, req: ChatCompletionRequest) -> tuple[Call, AsyncIterator[dict[str, Any]]]:
+    async def chat(
+        self, key: KeyRecord, req: ChatCompletionRequest, *, user: str | None = None
+    ) -> tuple[Call, AsyncIterator[dict[str, Any]]]:
         """Start a chat completion. Returns the call and its stream of response chunks
-        (streaming) or a one-item stream with the whole response."""
+        (streaming) or a one-item stream with the whole response.
+
+        Args:
+            user: the end user's id (the request's ``user`` field, else the ``X-End-User`` header).
+        """
         call, (prompt,), max_tokens = await self.calls.start(
-            key, req.model, lambda: [self.chat_prompt(req)], req.max_completion_tokens or req.max_tokens, req.n
+            key,
+            req.model,
+            lambda: [self.chat_prompt(req)],
+            req.max_completion_tokens or req.max_tokens,
+            req.n,
+            user=req.user or user,
+            text=prompt_texts((m.role, m.text()) for m in req.messages),
         )
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -217,13 +234,16 @@ class InferenceService:
                 out.append(list(p))
         return out
 
-    async def completion(self, key: KeyRecord, req: CompletionRequest) -> tuple[Call, AsyncIterator[dict[str, Any]]]:
+    async def completion(
+        self, key: KeyRecord, req: CompletionRequest, *, user: str | None = None
+    ) -> tuple[Call, AsyncIterator[dict[str, Any]]]:
         if req.max_tokens == 0 and req.stream:
             raise APIError(400, "max_tokens 0 (scoring the prompt) cannot be streamed", param="stream")
         try:
-            count = len(req.prompts())
+            texts = req.prompts()
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from e
+        words = "\n".join(p for p in texts if isinstance(p, str))
         call, prompts, max_tokens = await self.calls.start(
             key,
             req.model,
@@ -231,7 +251,9 @@ class InferenceService:
             req.max_tokens,
             req.n,
             echo=req.echo and req.logprobs is not None,
-            count=count,
+            count=len(texts),
+            user=req.user or user,
+            text=words or None,
         )
         want = req.logprobs
         params = SamplingParams(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -48,6 +48,48 @@ class Metrics:
             "loraforge_prefix_cache_hit_ratio",
             "Share of prompt tokens (of requests that may use the cache) not prefilled again, since start",
             registry=r,
+        )
+
+        # -- per model (the name called: a route, an adapter or the base) and adapter (what answered) --
+        self.model_requests = Counter(
+            "loraforge_model_requests",
+            "Finished requests by model called, adapter that answered (base: the base model) and status",
+            ["model", "adapter", "status"],
+            registry=r,
+        )
+        self.model_latency = Histogram(
+            "loraforge_model_latency_seconds",
+            "Latency of finished requests by model called and adapter",
+            ["model", "adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cost = Counter("loraforge_cost", "Metered cost by tenant and model", ["tenant", "model"], registry=r)
+        self.answers = Counter("loraforge_answers", "Answers judged for refusals, by adapter", ["adapter"], registry=r)
+        self.refusals = Counter("loraforge_refusals", "Answers that refused, by adapter", ["adapter"], registry=r)
+        self.feedback = Summary(
+            "loraforge_feedback_score",
+            "End users' ratings on 0..1 (thumbs: 0 or 1; stars: (r-1)/4), by model called and adapter",
+            ["model", "adapter"],
+            registry=r,
+        )
+        self.pilot_requests = Counter(
+            "loraforge_pilot_requests", "Requests of a route's pilot by arm", ["route", "arm"], registry=r
+        )
+        self.unfamiliar_share = Gauge(
+            "loraforge_input_unfamiliar_share",
+            "Share of unfamiliar prompts (unlike the adapter's training prompts) in its latest window",
+            ["adapter"],
+            registry=r,
+        )
+        self.drift_threshold = Gauge(
+            "loraforge_input_drift_threshold",
+            "Unfamiliar share above which a full window raises the input drift alert",
+            ["adapter"],
+            registry=r,
+        )
+        self.drift_alert = Gauge(
+            "loraforge_input_drift_alert", "1 while an adapter's latest full window drifts", ["adapter"], registry=r
         )
 
     def step(self, batch_size: int, queue_depth: int, seconds: float) -> None:

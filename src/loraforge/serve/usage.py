@@ -38,8 +38,18 @@ class UsageLedger:
         )
 
     def record(
-        self, *, request_id: str, tenant: str, key_id: str, model: str, prompt_tokens: int, completion_tokens: int
+        self,
+        *,
+        request_id: str,
+        tenant: str,
+        key_id: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        **monitoring: Any,
     ) -> dict[str, Any]:
+        """Record one finished request; ``monitoring`` are the other columns of ``UsageRecord``
+        (adapter, route, pilot_id, arm, user_hash, status, latency_s, refusal, novelty, unfamiliar)."""
         entry = {
             "ts": round(time.time(), 3),
             "request_id": request_id,
@@ -51,7 +61,7 @@ class UsageLedger:
             "cost": self.cost(prompt_tokens, completion_tokens),
         }
         with self.registry.session() as s:
-            s.add(UsageRecord(**entry))
+            s.add(UsageRecord(**entry, **monitoring))
         return entry
 
     def entries(self, tenant: str, *, limit: int = 100) -> list[dict[str, Any]]:

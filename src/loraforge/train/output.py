@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from loraforge import __version__
+from loraforge.data.drift import PROFILE_FILE, build_profile, prompt_texts
+from loraforge.data.formats import Example
 from loraforge.data.prepare import PreparedData
 from loraforge.errors import CheckpointError, ConfigError
 from loraforge.files import sha256_file
@@ -150,10 +152,22 @@ def build_manifest(
             "adapter": list(PEFT_FILES),
             "metrics": "metrics.jsonl",
             "loss_curve": "loss.png",
+            **({"input_profile": PROFILE_FILE} if (output / PROFILE_FILE).is_file() else {}),
         },
         checksums={name: sha256_file(output / name) for name in PEFT_FILES},
         fingerprint=fingerprint,
     )
+
+
+def save_input_profile(examples: list[Example], output: Path) -> str | None:
+    """Write the input profile of the training prompts (``data.drift``) beside the adapter, so that
+    the server can watch for prompts unlike them; returns a warning when there are too few."""
+    prompts = [prompt_texts((m.role, m.content) for m in ex.messages) for ex in examples]
+    try:
+        build_profile(prompts).write(output)
+    except ConfigError as e:
+        return f"no input profile, so no input drift monitoring for this adapter: {e}"
+    return None
 
 
 def library_versions() -> dict[str, str]:

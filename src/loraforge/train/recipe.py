@@ -26,7 +26,7 @@ from loraforge.train.checkpoint import Progress, restore_checkpoint, save_checkp
 from loraforge.train.config import TrainConfig
 from loraforge.train.estimate import Figures, estimate_run, linear_params, peak_rss_bytes, step_flops, time_probe
 from loraforge.train.lora import LabelOnlyLM
-from loraforge.train.output import build_manifest, claim_output, save_adapter
+from loraforge.train.output import build_manifest, claim_output, save_adapter, save_input_profile
 from loraforge.train.plots import plot_loss_curve
 from loraforge.train.schedule import Schedule, validation_batches
 from loraforge.train.setup import (
@@ -294,6 +294,10 @@ def train(config: TrainConfig, *, model_cache: Path, reporter: Reporter | None =
     manifest: AdapterManifest | None = None
     if accelerator.is_main_process:
         save_adapter(peft_model, output)
+        unwatched = save_input_profile(data.train_report.examples, output)
+        if unwatched:
+            warnings.append(unwatched)
+            reporter.warning(unwatched)
         plot_loss_curve(records, output / "loss.png", f"{base.name} + LoRA r={config.lora_r}")
         manifest = build_manifest(
             config=config,
