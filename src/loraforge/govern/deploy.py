@@ -86,8 +86,13 @@ def active(s: Session, route: str) -> Deployment | None:
     return s.scalars(select(Deployment).where(Deployment.route == route, Deployment.ended_at.is_(None))).first()
 
 
+def running_pilot(s: Session, route: str) -> Pilot | None:
+    """The pilot ``route`` runs now, if any."""
+    return s.scalars(select(Pilot).where(Pilot.route == route, Pilot.ended_at.is_(None))).first()
+
+
 def _no_pilot(s: Session, route: str) -> None:
-    if s.scalars(select(Pilot.id).where(Pilot.route == route, Pilot.ended_at.is_(None))).first() is not None:
+    if running_pilot(s, route) is not None:
         raise ReleaseError(
             f"route {route!r} runs a pilot; stop or promote it first (`loraforge pilot stop|promote {route}`)",
             status=409,
@@ -104,7 +109,7 @@ def resolve(registry: Registry, name: str) -> Binding | None:
         current = active(s, name)
         if current is None:
             return None
-        pilot = s.scalars(select(Pilot).where(Pilot.route == name, Pilot.ended_at.is_(None))).first()
+        pilot = running_pilot(s, name)
         arm = PilotArm(pilot.id, pilot.adapter, pilot.percent) if pilot is not None else None
         return Binding(name, route.tenant, current.adapter, current.id, arm)
 

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from loraforge.errors import ReleaseError
 from loraforge.evaluate.stats import cluster_bootstrap_difference
 from loraforge.govern.audit import AuditLog
-from loraforge.govern.deploy import CHALLENGER, CONTROL, DEPLOYABLE, Deployments, active
+from loraforge.govern.deploy import CHALLENGER, CONTROL, DEPLOYABLE, Deployments, active, running_pilot
 from loraforge.govern.monitor import clusters, figures, requests
 from loraforge.govern.release import (
     READERS,
@@ -58,10 +58,6 @@ def user_hash(tenant: str, user: str) -> str:
 def require_reader(who: Principal) -> None:
     if who.role not in READERS:
         raise ReleaseError("pilot reports need an admin, approver or auditor key", status=403, code="forbidden")
-
-
-def running(s: Session, route: str) -> Pilot | None:
-    return s.scalars(select(Pilot).where(Pilot.route == route, Pilot.ended_at.is_(None))).first()
 
 
 @dataclass(frozen=True)
@@ -138,7 +134,7 @@ class Pilots:
                     status=409,
                     code="nothing_deployed",
                 )
-            if running(s, route) is not None:
+            if running_pilot(s, route) is not None:
                 raise ReleaseError(
                     f"route {route!r} runs a pilot already; stop or promote it first",
                     status=409,
@@ -207,7 +203,7 @@ class Pilots:
         require_admin(who, "ending a pilot")
         with self.registry.session() as s:
             bound = self._route(s, who, route)
-            pilot = running(s, route)
+            pilot = running_pilot(s, route)
             if pilot is None:
                 raise ReleaseError(f"route {route!r} runs no pilot", status=409, code="no_pilot")
             pilot.ended_at = time.time()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from loraforge.registry.database import Registry
 from loraforge.registry.schema import Feedback, UsageRecord
@@ -62,6 +63,25 @@ class FeedbackBook:
         request_id = body.id
         for prefix in PREFIXES:
             request_id = request_id.removeprefix(prefix)
+        try:
+            model, adapter, first = self._write(key, body, request_id, rating, scale, value)
+        except IntegrityError:  # the same response rated at the same moment by another request: update it
+            model, adapter, first = self._write(key, body, request_id, rating, scale, value)
+        if first:  # a changed rating is not counted twice
+            self.metrics.feedback.labels(model, adapter).observe(value)
+        return {
+            "object": "feedback",
+            "id": body.id,
+            "rating": body.rating,
+            "score": value,
+            "model": model,
+            "replaced": not first,
+        }
+
+    def _write(
+        self, key: KeyRecord, body: FeedbackBody, request_id: str, rating: int, scale: str, value: float
+    ) -> tuple[str, str, bool]:
+        """Insert or replace the rating; returns the response's model, adapter and whether it is new."""
         with self.registry.session() as s:
             usage = s.scalars(
                 select(UsageRecord).where(UsageRecord.request_id == request_id, UsageRecord.tenant == key.tenant)
@@ -84,14 +104,4 @@ class FeedbackBook:
             row.rating, row.scale, row.score = rating, scale, value
             row.comment = body.comment
             row.created_at = time.time()
-            model, adapter = usage.model, usage.adapter or BASE
-        if first:  # a changed rating is not counted twice
-            self.metrics.feedback.labels(model, adapter).observe(value)
-        return {
-            "object": "feedback",
-            "id": body.id,
-            "rating": body.rating,
-            "score": value,
-            "model": model,
-            "replaced": not first,
-        }
+            return usage.model, usage.adapter or BASE, first
