@@ -14,7 +14,7 @@ It reports the quiet tenant's latency (whole stream) and time to first token, p5
 and flooded, their ratio (target: p99 within 2× of the quiet run), the noisy tenant's answers by
 status, and the engine's preemptions. Every figure comes from the same run on the same machine.
 
-    python bench/noisy_neighbour.py [--victim-requests 20] [--noisy-clients 6]
+    python bench/noisy_neighbour.py [--victim-requests 20] [--noisy-clients 6] [--tenant-slowdown 100]
 
 The last line is one JSON object.
 """
@@ -184,6 +184,9 @@ def main() -> None:
     parser.add_argument("--noisy-clients", type=int, default=6)
     parser.add_argument("--adapters", type=int, default=10, help="adapters the noisy tenant cycles through")
     parser.add_argument("--max-prefill-tokens", type=int, default=None, help="the server setting (default: its own)")
+    parser.add_argument(
+        "--tenant-slowdown", type=float, default=None, help="the server setting (default: its own; 100: no pacing)"
+    )
     args = parser.parse_args()
 
     import httpx
@@ -207,6 +210,8 @@ def main() -> None:
         settings = "max_loaded_adapters: 4\n"
         if args.max_prefill_tokens:
             settings += f"max_prefill_tokens: {args.max_prefill_tokens}\n"
+        if args.tenant_slowdown:
+            settings += f"tenant_slowdown: {args.tenant_slowdown}\n"
         # The server in a process of its own, as in production: the clients' Python does not share its GIL.
         server, url = launch(home, settings)
         try:
@@ -230,6 +235,7 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
         figures["max_prefill_tokens"] = args.max_prefill_tokens or "default"
+        figures["tenant_slowdown"] = args.tenant_slowdown or "default"
         figures["cpu"] = cpu_features()
     q, f = figures["quiet"], figures["flooded"]
     print(f"{'':22}{'quiet':>10}{'flooded':>10}")

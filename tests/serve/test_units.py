@@ -194,6 +194,7 @@ def test_text_stream_finds_a_stop_string_split_across_tokens(tokenizer) -> None:
         ("prefix_cache_mb", -1, "prefix_cache_mb must be >= 0, got -1"),
         ("lora_kernel", "cuda", "lora_kernel must be one of auto, native, torch, got 'cuda'"),
         ("max_batch_size", 0, "max_batch_size must be >= 1, got 0"),
+        ("tenant_slowdown", 1, r"tenant_slowdown must be > 1 and <= 100, got 1"),
     ],
 )
 def test_serve_config_names_the_bad_value(field: str, value: object, message: str) -> None:

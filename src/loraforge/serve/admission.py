@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +22,11 @@ from loraforge.serve.batch import RunningBatch
 from loraforge.serve.detokenize import TextStream
 from loraforge.serve.forward import LlamaRunner
 from loraforge.serve.generation import FinishEvent, Generation, PromptEvent
+from loraforge.serve.pacing import Pacer, ema
 from loraforge.serve.prefix_cache import PrefixCache
 from loraforge.serve.rows import Row, Work, gen_of, is_echo
 from loraforge.serve.sampling import GREEDY_BELOW, SEED_LIMIT, prompt_event, score_prompt
-from loraforge.serve.scheduling import chunk_budget, chunked, ema
+from loraforge.serve.scheduling import MIN_CHUNK, chunk_budget, chunked
 
 log = logging.getLogger("loraforge.serve")
 # Picks the next token of each of ``rows`` from its logits (one row each), as a decode step does.
@@ -121,31 +123,44 @@ class Admission:
             past = self.runner.write_prefix(slot, self.prefix_cache.lookup(scope, tokens))
         row.position, row.last, row.feed, row.fed, row.prompt_open = past, tokens[past], tokens, past + 1, True
 
-    def continue_prefills(self, spent: int, step_s: float | None) -> None:
+    def continue_prefills(self, spent: int, step_s: float | None, pacer: Pacer | None = None) -> Counter[str]:
         """Prefill the next chunk of the open prompts, within what is left of the step's budget
-        (``spent`` tokens were prefilled whole; a decode step takes ``step_s``); finished prompts
-        pick their first token."""
+        (``spent`` tokens were prefilled whole; a decode step takes ``step_s``) and of each paced
+        tenant's time (``pacer``: its waiting tenants take no chunk); finished prompts pick their
+        first token. Returns the prompt tokens prefilled per tenant."""
+        taken: Counter[str] = Counter()
         rows = [r for r in self.batch.rows if r.prompt_open]
         if not rows:
-            return
+            return taken
         # While rows decode, a chunk costs about one step; else up to max_prefill_tokens, so that a
         # request arriving now waits for one chunk at most, not for a flood of prompts.
         decoding = any(not r.prompt_open for r in self.batch.rows)
         limit = self.max_prefill_tokens
         budget = (chunk_budget(step_s, self.token_s, limit) if decoding else limit) - spent
+        caps: dict[str, int | None] = {}
         chunks: list[tuple[Row, int]] = []
         for row in rows:  # in slot order: one adapter's rows side by side
-            take = min(1 + row.pending, budget)
+            if row.tenant not in caps:
+                # a tenant that owes time gets 0: only the token each decode step feeds
+                caps[row.tenant] = pacer.tokens_for(row.tenant, self.token_s, MIN_CHUNK) if pacer else None
+            cap = caps[row.tenant]
+            take = min(1 + row.pending, budget, budget if cap is None else cap)
             if take <= 0:
-                break
+                if budget <= 0:
+                    break
+                continue
             chunks.append((row, take))
             budget -= take
+            taken[row.tenant] += take
+            if cap is not None:
+                caps[row.tenant] = cap - take
         if chunks:  # else each open prompt still moves one token per decode step
             # Echo rows need every position's logits, the others only the last: two passes.
             for echo in (False, True):
                 group = [c for c in chunks if (c[0].scores is not None) is echo]
                 if group:
                     self._prefill_chunks(group)
+        return taken
 
     def _prefill_chunks(self, chunks: list[tuple[Row, int]]) -> None:
         """Prefill ``take`` more prompt tokens of each row together; a row whose chunk fails fails alone."""

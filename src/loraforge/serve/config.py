@@ -65,6 +65,11 @@ class ServeConfig:
     it, the engine takes as many as cost about one decode step (measured as it runs), so that long
     prompts (or a flood of them) slow the running streams by at most about half. With nothing
     decoding, a prompt is prefilled in one piece."""
+    tenant_slowdown: float = 1.5
+    """How many times more slowly one tenant's streams may run because another tenant, which has
+    used more of the engine lately, shares the machine: that tenant's rows' part of each step and
+    its prefills between steps are paced to keep within it (never below a fifth of a step, so that
+    it still moves on). Higher: heavy tenants get more of the machine, light ones wait longer."""
     max_queued_per_tenant: int | None = None
     """Requests of one tenant waiting for a batch slot at once; more get 429 (default: 4 × max_batch_size)."""
     max_echo_tokens: int = 1024
@@ -138,6 +143,8 @@ class ServeConfig:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lora_kernel not in LORA_KERNELS:
             problems.append(f"lora_kernel must be one of {', '.join(LORA_KERNELS)}, got {self.lora_kernel!r}")
+        if not 1 < self.tenant_slowdown <= 100:
+            problems.append(f"tenant_slowdown must be > 1 and <= 100, got {self.tenant_slowdown}")
         if self.prefix_cache_mb < 0:
             problems.append(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         for name in ("max_queued_per_tenant", "max_loaded_adapters_per_tenant"):

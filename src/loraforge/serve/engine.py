@@ -25,6 +25,9 @@ one step of waiting, not the length of the burst. Prompt tokens prefilled betwee
 steps are bounded (``max_prefill_tokens``) while other rows are decoding: a long prompt joins the
 batch at once and is prefilled in chunks (*chunked prefill*), one chunk between two steps and one
 token within each step, so neither one long prompt nor a flood of them stalls running streams.
+A tenant that has used more of the engine lately than another waiting tenant is *paced*
+(``pacing.py``): what its rows add to each step and its prefills between steps are paid back at a
+rate that keeps the lighter tenant's streams within ``tenant_slowdown`` of their own pace.
 
 Isolation: an error while admitting, sampling or detokenizing one row fails that row alone; an
 error of a whole decode step fails the rows of that step; an error that escapes anyway ends the
@@ -43,7 +46,7 @@ import functools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -64,10 +67,11 @@ from loraforge.serve.generation import (
     Outbox,
     TokenEvent,
 )
+from loraforge.serve.pacing import PACE, Pacer
 from loraforge.serve.prefix_cache import PrefixCache
 from loraforge.serve.rows import Row, close_choice, gen_of
 from loraforge.serve.sampling import sample, score_prompt
-from loraforge.serve.scheduling import FairScheduler, chunked, ema, whole_prefill
+from loraforge.serve.scheduling import FairScheduler, chunked, whole_prefill
 
 log = logging.getLogger("loraforge.serve")
 T = TypeVar("T")
@@ -90,6 +94,8 @@ class LocalEngine:
         max_prefill_tokens: the most prompt tokens prefilled between two decode steps while other
             rows decode; within it, as many as take about one decode step's time (measured). A
             prompt of several choices is prefilled whole (alone if need be).
+        tenant_slowdown: how many times more slowly a tenant's streams may run because of a
+            tenant that has used more of the engine lately (see ``pacing.py``).
         on_death: called (from the engine thread) if the thread ends by an error, not ``close``.
     """
 
@@ -105,6 +111,7 @@ class LocalEngine:
         prefix_cache: PrefixCache | None = None,
         max_queued_per_tenant: int | None = None,
         max_prefill_tokens: int = 512,
+        tenant_slowdown: float = PACE,
         on_death: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
@@ -117,7 +124,7 @@ class LocalEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.on_death = on_death
         self.died: BaseException | None = None
-        self._step_s: float | None = None  # a decode step's seconds (moving average)
+        self.pacer = Pacer(pace=tenant_slowdown)  # how much a heavier tenant may slow a lighter one's streams
         self.steps = 0  # decode steps so far (a clock for tests of the scheduler that is not time)
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._outbox = Outbox()
@@ -286,10 +293,12 @@ class LocalEngine:
                 return False
             calls = list(self._calls)
             self._calls.clear()
-            admitted = self.scheduler.schedule(batch)
+            waits = self.pacer.plan(Counter(r.tenant for r in batch.rows), self.scheduler.tenants())
+            admitted = self.scheduler.schedule(batch, waits)
         if calls:
             with torch.inference_mode(False):  # what the calls make is kept beyond this step
                 self._run_calls(calls)
+        started = time.perf_counter()
         for gen in admitted:
             if isinstance(gen, Generation) and gen.request.params.max_tokens == 0 and not chunked(gen):
                 batch.guarded(functools.partial(self.admission.score, gen), gen)
@@ -301,13 +310,16 @@ class LocalEngine:
                 log.exception("admission failed")
                 for gen in {id(gen_of(w)): gen_of(w) for w in generating}.values():
                     batch.fail(gen)
-        prefilled = sum(whole_prefill(w) for w in admitted)
+        tokens = Counter[str]()
+        for work in admitted:
+            tokens[gen_of(work).request.tenant] += whole_prefill(work)
         try:
-            self.admission.continue_prefills(prefilled, self._step_s)
+            tokens += self.admission.continue_prefills(tokens.total(), self.pacer.step_s, self.pacer)
         except Exception:  # fail the prompts being prefilled, keep the others
             log.exception("chunked prefill failed")
             for gen in {id(r.gen): r.gen for r in batch.rows if r.prompt_open}.values():
                 batch.fail(gen)
+        self.pacer.charge(time.perf_counter() - started, tokens)
         self._outbox.flush()  # first tokens out before the next decode step
         try:
             batch.drop_cancelled()
@@ -329,7 +341,7 @@ class LocalEngine:
         logits = self.runner.decode([r.last for r in rows], [r.position for r in rows], self.batch.segments())
         self.steps += 1
         self._advance(list(rows), logits)
-        self._step_s = ema(self._step_s, time.perf_counter() - started)
+        self.pacer.record_step(Counter(r.tenant for r in rows), time.perf_counter() - started)
         if self.observer:
             self.observer.step(len(rows), self.scheduler.queued(), time.perf_counter() - started)
 

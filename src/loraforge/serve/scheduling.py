@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Collection
 
 from loraforge.serve.batch import RunningBatch
 from loraforge.serve.generation import ErrorEvent, Generation
@@ -54,12 +55,17 @@ class FairScheduler:
         self.parked.clear()
         return waiting
 
-    def schedule(self, batch: RunningBatch) -> list[Work]:
+    def tenants(self) -> list[str]:
+        """Tenants with requests or preempted rows waiting."""
+        return [t for t in {*self.queues, *self.parked} if self.queues.get(t) or self.parked.get(t)]
+
+    def schedule(self, batch: RunningBatch, waits: Collection[str] = ()) -> list[Work]:
         """Pick the work to start before the next step (called with the engine's lock held).
 
         Returns new requests and preempted rows, at most ``max_prefill_tokens`` prompt tokens of
         them (or one request), fairly across tenants; preempts rows of ``batch`` where a tenant
-        below its fair share finds no free slot.
+        below its fair share finds no free slot. The work of tenants in ``waits`` (paced, see
+        ``pacing.py``) stays queued this time.
         """
         now = time.monotonic()
         for queue in self.queues.values():
@@ -75,13 +81,13 @@ class FairScheduler:
             for row in [r for r in parked if r.gen.cancelled]:
                 parked.remove(row)
                 close_choice(row.gen)
-        waiting = [t for t in {*self.queues, *self.parked} if self.queues.get(t) or self.parked.get(t)]
+        waiting = [t for t in self.tenants() if t not in waits]
         if not waiting:
             return []
         running: dict[str, int] = {}
         for row in batch.rows:
             running[row.tenant] = running.get(row.tenant, 0) + 1
-        share = max(1, self.max_batch_size // len({*waiting, *running}))
+        share = max(1, self.max_batch_size // len({*self.tenants(), *running}))
         free = self.max_batch_size - len(batch.rows)
         self.turn += 1
         order = sorted(waiting, key=lambda t: (running.get(t, 0), hash((t, self.turn))))
@@ -166,8 +172,3 @@ def chunk_budget(step_s: float | None, token_s: float | None, max_prefill_tokens
     if step_s is None or token_s is None:
         return max_prefill_tokens
     return max(MIN_CHUNK, min(max_prefill_tokens, int(step_s / token_s)))
-
-
-def ema(average: float | None, value: float, weight: float = 0.2) -> float:
-    """An exponential moving average of measured times; ``None`` before the first measurement."""
-    return value if average is None else (1 - weight) * average + weight * value

@@ -124,6 +124,7 @@ def build_server(
         prefix_cache=PrefixCache(config.prefix_cache_mb * 2**20) if config.prefix_cache_mb else None,
         max_queued_per_tenant=config.max_queued_per_tenant,
         max_prefill_tokens=config.max_prefill_tokens,
+        tenant_slowdown=config.tenant_slowdown,
         on_death=on_engine_death,
     )
     if config.max_context_tokens:
