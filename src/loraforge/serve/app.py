@@ -30,6 +30,7 @@ from loraforge.govern.audit import AuditLog
 from loraforge.govern.deploy import Deployments
 from loraforge.govern.pilot import Pilots
 from loraforge.govern.release import Release
+from loraforge.govern.review import Reviews
 from loraforge.jobs.files import FileService
 from loraforge.jobs.service import JobService
 from loraforge.serve.adapter_cache import AdapterCache
@@ -191,6 +192,7 @@ def create_app(
     deployments: Deployments,
     files: FileService | None = None,
     jobs: JobService | None = None,
+    reviews: Reviews | None = None,
 ) -> FastAPI:
     """Build the application; every dependency is handed in (no module-level state)."""
     app = FastAPI(title="loraforge", docs_url=None, redoc_url=None, openapi_url=None)
@@ -411,7 +413,8 @@ def create_app(
                 raise APIError(404, f"adapter {req.name!r} is not loaded", code="not_loaded", param="name")
         return {"name": req.name, "loaded": False}
 
-    add_release_routes(app, caller, admin_enabled, release, deployments, Pilots(deployments))
+    reviews = reviews or Reviews(release.registry, audit)
+    add_release_routes(app, caller, admin_enabled, release, deployments, Pilots(deployments), reviews)
     return app
 
 

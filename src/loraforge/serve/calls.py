@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from loraforge.serve.generation import (
     SamplingParams,
     TokenEvent,
 )
+from loraforge.serve.guarding import InputGuard
 from loraforge.serve.keys import KeyRecord
 from loraforge.serve.limits import LimitExceeded, RateLimiter
 from loraforge.serve.observe import BASE, MAX_ANSWER_CHARS, Observer
@@ -89,6 +90,7 @@ class CallGate:
         default_max_tokens: a call's ``max_tokens`` when it names none (within the context).
         request_timeout_s: a call not finished within this time gets a 408.
         max_echo_tokens: the longest prompt scored with echo.
+        guard: checks requests' messages under the server's guard policy (None: no guard).
     """
 
     def __init__(
@@ -103,7 +105,9 @@ class CallGate:
         default_max_tokens: int,
         request_timeout_s: float,
         max_echo_tokens: int,
+        guard: InputGuard | None = None,
     ) -> None:
+        self.guard = guard
         self.engine = engine
         self.catalog = catalog
         self.limiter = limiter
@@ -126,6 +130,7 @@ class CallGate:
         count: int = 1,
         user: str | None = None,
         text: str | None = None,
+        screen: Sequence[tuple[str, str]] = (),
     ) -> tuple[Call, list[list[int]], int]:
         """Admit a request, cheapest checks first: the key's request limits, the model's name,
         then (off the event loop) the prompts' tokens, their size, the key's token budget, and
@@ -135,17 +140,21 @@ class CallGate:
             count: how many prompts ``tokenize`` will give (checked against the batch before it runs).
             user: the end user's id (the request's ``user``): their pilot arm, and their feedback's group.
             text: what the prompt asks, in words (input drift); None for token ids.
+            screen: (role, text) of the messages the guard checks (when the server has one).
         """
         try:
             self.limiter.begin(key.id)
         except LimitExceeded as e:
             raise APIError(429, str(e), code="rate_limit_exceeded", retry_after=e.retry_after) from e
         reserved = 0
+        request_id = uuid.uuid4().hex[:24]
         try:
             person = user_hash(key.tenant, user) if user else None
             target = self.catalog.target(key, model, person)
             reg = target.registration
             self._check_count(count, n)
+            if self.guard is not None and screen:
+                await self.guard.screen(key, model, request_id, screen)
             prompts = await asyncio.to_thread(tokenize)
             max_tokens = self._check_size(prompts, max_tokens, n, echo=echo)
             reserved = sum(len(p) for p in prompts) + max_tokens * n * len(prompts)
@@ -159,7 +168,7 @@ class CallGate:
             self.limiter.end(key.id, reserved, 0)
             raise
         call = Call(
-            request_id=f"{uuid.uuid4().hex[:24]}",
+            request_id=request_id,
             key=key,
             model=model,
             adapter=adapter,

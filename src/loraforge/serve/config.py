@@ -70,6 +70,9 @@ class ServeConfig:
     used more of the engine lately, shares the machine: that tenant's rows' part of each step and
     its prefills between steps are paced to keep within it (never below a fifth of a step, so that
     it still moves on). Higher: heavy tenants get more of the machine, light ones wait longer."""
+    guard_policy: str | None = None
+    """A YAML guard policy (docs/guardrails.md): which checks run on requests' messages, per tenant,
+    and whether a hit blocks (400), is flagged or is allowed. None: no guard runs."""
     max_queued_per_tenant: int | None = None
     """Requests of one tenant waiting for a batch slot at once; more get 429 (default: 4 × max_batch_size)."""
     max_echo_tokens: int = 1024
@@ -159,6 +162,8 @@ class ServeConfig:
         if self.port > 65535:
             problems.append(f"port must be <= 65535, got {self.port}")
         problems += declaration_problems(self.default_declarations)
+        if self.guard_policy and not Path(self.guard_policy).is_file():
+            problems.append(f"guard_policy {self.guard_policy} is not a file")
         if self.licence_policy and not Path(self.licence_policy).is_file():
             problems.append(f"licence_policy {self.licence_policy} is not a file")
         if problems:

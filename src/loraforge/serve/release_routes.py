@@ -1,5 +1,5 @@
 """The release endpoints: approve, reject, retire, deploy, roll back, pilots, monitoring, policy,
-history and reports.
+history and reports; and the review queue of guard blocks and flags.
 
 Each one calls the same ``govern`` code as the CLI (``loraforge approve …``), with the same checks
 and the same audit records; a refusal answers with its reason and the status the rule gives (403
@@ -25,6 +25,7 @@ from loraforge.govern.pilot import Pilots
 from loraforge.govern.release import READERS, Release, in_scope
 from loraforge.govern.report_html import render
 from loraforge.govern.reports import compliance_report, gather, model_card
+from loraforge.govern.review import Reviews
 from loraforge.serve.api_errors import APIError
 from loraforge.serve.keys import KeyRecord
 
@@ -60,6 +61,11 @@ class PilotBody(_Body):
     reason: str | None = Field(None, max_length=REASON)
 
 
+class ResolveBody(_Body):
+    decision: str = Field(max_length=32)
+    reason: str = Field(max_length=REASON)
+
+
 class PolicyBody(_Body):
     tenant: str | None = Field(None, max_length=64)
     approvals_required: int
@@ -80,6 +86,7 @@ def add_release_routes(
     release: Release,
     deployments: Deployments,
     pilots: Pilots,
+    reviews: Reviews,
 ) -> None:
     """Add the release endpoints to ``app``; ``enabled`` answers 404 when admin endpoints are off."""
 
@@ -109,6 +116,29 @@ def add_release_routes(
     @app.post("/v1/admin/adapters/{adapter}/retire")
     async def retire(adapter: str, body: ReasonBody, who: KeyRecord = Depends(key)) -> dict[str, Any]:  # noqa: B008
         return (await _run(lambda: release.retire(who, adapter, reason=body.reason))).to_json()
+
+    @app.get("/v1/admin/reviews")
+    async def review_list(
+        status: str | None = "open",
+        tenant: str | None = None,
+        limit: int = 100,
+        who: KeyRecord = Depends(reader),  # noqa: B008
+    ) -> dict[str, Any]:
+        wanted = None if status in (None, "", "all") else status
+        found = await _run(lambda: reviews.list(who, status=wanted, tenant=tenant, limit=limit))
+        return {"object": "list", **found}
+
+    @app.get("/v1/admin/reviews/{review_id}")
+    async def review_show(review_id: int, who: KeyRecord = Depends(reader)) -> dict[str, Any]:  # noqa: B008
+        return await _run(lambda: reviews.get(who, review_id))
+
+    @app.post("/v1/admin/reviews/{review_id}/resolve")
+    async def review_resolve(
+        review_id: int,
+        body: ResolveBody,
+        who: KeyRecord = Depends(key),  # noqa: B008
+    ) -> dict[str, Any]:
+        return await _run(lambda: reviews.resolve(who, review_id, body.decision, body.reason))
 
     @app.get("/v1/admin/routes")
     async def routes(who: KeyRecord = Depends(reader)) -> dict[str, Any]:  # noqa: B008

@@ -22,6 +22,7 @@ from loraforge.files import private_directory
 from loraforge.govern.audit_witness import audit_log
 from loraforge.govern.deploy import Deployments
 from loraforge.govern.release import Release
+from loraforge.govern.review import Reviews
 from loraforge.home import model_cache_dir
 from loraforge.jobs.files import Declaration, FileService
 from loraforge.jobs.service import JobService
@@ -33,6 +34,7 @@ from loraforge.serve.app import create_app
 from loraforge.serve.config import ServeConfig
 from loraforge.serve.engine import LocalEngine
 from loraforge.serve.forward import LlamaRunner
+from loraforge.serve.guarding import GuardPolicy, InputGuard
 from loraforge.serve.home_registry import home_registry
 from loraforge.serve.keys import KeyStore
 from loraforge.serve.limits import Limits, RateLimiter
@@ -155,6 +157,13 @@ def build_server(
         config.max_concurrent_requests,
         config.adapter_loads_per_minute,
     )
+    audit = audit_log(home, registry)
+    reviews = Reviews(registry, audit)
+    guard = None
+    if config.guard_policy:
+        policy = GuardPolicy.load(Path(config.guard_policy))
+        guard = InputGuard(policy, audit=audit, metrics=metrics, run=engine.call, reviews=reviews)
+        guard.start()
     service = InferenceService(
         engine,
         store=store,
@@ -172,6 +181,7 @@ def build_server(
         created=int(time.time()),
         max_echo_tokens=config.max_echo_tokens,
         monitor_window=config.monitor_window,
+        guard=guard,
     )
     files = FileService(
         registry,
@@ -187,7 +197,6 @@ def build_server(
     jobs = JobService(
         registry, files, base_models={base.model_id: base.sha256}, base_sources={base.model_id: config.base_model}
     )
-    audit = audit_log(home, registry)
     app = create_app(
         config,
         service,
@@ -198,6 +207,7 @@ def build_server(
         release=Release(registry, audit),
         deployments=Deployments(registry, audit, reserved=set(store.reserved_names) | {base.model_id}),
         metrics=metrics,
+        reviews=reviews,
         files=files,
         jobs=jobs,
     )

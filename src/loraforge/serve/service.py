@@ -32,6 +32,7 @@ from loraforge.serve.generation import (
     SamplingParams,
     TokenEvent,
 )
+from loraforge.serve.guarding import InputGuard
 from loraforge.serve.keys import KeyRecord
 from loraforge.serve.limits import RateLimiter
 from loraforge.serve.observe import Observer
@@ -61,6 +62,7 @@ class InferenceService:
         created: int,
         max_echo_tokens: int = 1024,
         monitor_window: int = DEFAULT_WINDOW,
+        guard: InputGuard | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -80,6 +82,7 @@ class InferenceService:
             default_max_tokens=default_max_tokens,
             request_timeout_s=request_timeout_s,
             max_echo_tokens=max_echo_tokens,
+            guard=guard,
         )
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
@@ -109,6 +112,7 @@ class InferenceService:
             req.n,
             user=req.user or user,
             text=prompt_texts((m.role, m.text()) for m in req.messages),
+            screen=[(m.role, m.text()) for m in req.messages],
         )
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -254,6 +258,7 @@ class InferenceService:
             count=len(texts),
             user=req.user or user,
             text=words or None,
+            screen=[("user", p) for p in texts if isinstance(p, str)],
         )
         want = req.logprobs
         params = SamplingParams(

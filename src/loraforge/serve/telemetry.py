@@ -73,6 +73,12 @@ class Metrics:
             ["model", "adapter"],
             registry=r,
         )
+        self.guard_events = Counter(
+            "loraforge_guard_events",
+            "Requests a guard check flagged or blocked, by check, action, tenant and model",
+            ["check", "action", "tenant", "model"],
+            registry=r,
+        )
         self.pilot_requests = Counter(
             "loraforge_pilot_requests", "Requests of a route's pilot by arm", ["route", "arm"], registry=r
         )
