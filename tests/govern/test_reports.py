@@ -13,8 +13,9 @@ from loraforge.errors import ConfigError
 from loraforge.evaluate import EvalConfig, evaluate
 from loraforge.govern.audit_witness import audit_log
 from loraforge.govern.deploy import Deployments
+from loraforge.govern.facts import gather
 from loraforge.govern.release import Release
-from loraforge.govern.reports import CONTROLS, OWNER, compliance_report, gather, load_controls, model_card
+from loraforge.govern.reports import CONTROLS, OWNER, compliance_report, load_controls, model_card
 from loraforge.serve.adapters import AdapterStore
 from loraforge.serve.home_registry import home_registry
 from loraforge.serve.keys import KeyStore
@@ -157,3 +158,23 @@ def test_cli_report_writes_both_documents(released, tmp_path: Path) -> None:  # 
     card = json.loads((out / "model_card.json").read_text())
     assert card["caveats_and_recommendations"]["owner"] == "English only"
     assert OWNER in (out / "model_card.html").read_text()  # what is still unknown is marked
+
+
+def test_the_guard_policy_a_server_loaded_is_cited_and_output_checks_stay_open(released) -> None:  # type: ignore[no-untyped-def]
+    _, registry, audit = released
+    policy = {
+        "default": {"prompt_injection": {"action": "flag", "threshold": None}},
+        "tenants": {"acme": {"prompt_injection": {"action": "block", "threshold": 0.7}}},
+    }
+    audit.record("server", "guard.policy", "guard-policy:abc", sha256="ab" * 32, **policy)
+    facts = gather(registry, "support", audit=audit)
+    assert facts["guard"]["rules"] == {"prompt_injection": {"action": "block", "threshold": 0.7}}  # acme's own
+    item = next(o for o in compliance_report(facts)["open_items"] if o["id"] == "guardrail_policy")
+    assert "input checks are in place (prompt_injection: block at 0.7)" in item["what_to_do"]
+    assert "output checks" in item["what_to_do"]
+    audit.record("server", "guard.policy", "guard-policy:def", sha256="cd" * 32, default={}, tenants={})
+    assert "no guardrail policy" in next(
+        o["what_to_do"]
+        for o in compliance_report(gather(registry, "support", audit=audit))["open_items"]
+        if o["id"] == "guardrail_policy"
+    )

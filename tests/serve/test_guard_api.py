@@ -200,3 +200,14 @@ def test_the_review_cli_lists_shows_and_resolves(guarded) -> None:  # type: igno
         app, ["review", "resolve", first, "--decision", "attack", "--reason", "second thoughts", *admin, *home]
     )
     assert again.exit_code != 0 and "resolved already" in str(again.exception or again.output)
+
+
+def test_the_server_records_the_policy_it_loaded(guarded) -> None:  # type: ignore[no-untyped-def]
+    from loraforge.files import sha256_file
+    from loraforge.govern.audit import AuditLog
+
+    loaded = [e for e in AuditLog(guarded.home).entries() if e["action"] == "guard.policy"]
+    assert loaded and loaded[0]["actor"] == "server"
+    details = loaded[0]["details"]
+    assert details["sha256"] == sha256_file(guarded.home / "guard.yaml")
+    assert details["tenants"]["tenant-b"]["prompt_injection"] == {"action": "flag", "threshold": 0.5}

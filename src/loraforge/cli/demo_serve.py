@@ -48,9 +48,10 @@ def serve_demo(console: Console, adapter: Path, home: Path, question: str, syste
 
     from loraforge.govern.audit_witness import RegistryWitness, audit_log
     from loraforge.govern.deploy import Deployments
+    from loraforge.govern.facts import gather
     from loraforge.govern.monitor import summary
     from loraforge.govern.release import Release, creator
-    from loraforge.govern.reports import gather, write_documents
+    from loraforge.govern.reports import write_documents
     from loraforge.serve.adapters import AdapterStore
     from loraforge.serve.home_registry import home_registry
     from loraforge.serve.keys import KeyStore

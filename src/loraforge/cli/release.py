@@ -217,7 +217,8 @@ def report(
 ) -> None:
     """Write the adapter's model card and compliance report (HTML and JSON), generated from the registry."""
     from loraforge.govern.audit_witness import RegistryWitness, audit_log
-    from loraforge.govern.reports import gather, read_notes, write_documents
+    from loraforge.govern.facts import gather
+    from loraforge.govern.reports import read_notes, write_documents
     from loraforge.serve.home_registry import home_registry
 
     h = resolve_home(home)

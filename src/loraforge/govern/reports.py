@@ -1,10 +1,6 @@
 """Documents per adapter, generated from the registry: a model card and a compliance report.
 
-``gather`` collects the evidence the registry and the files it points to hold about one adapter:
-its lineage (base model, datasets, configuration, checksums), the licence and data-governance
-records of its training data, its evaluations (with the 95% intervals of ``eval.json`` when the
-report is at hand), the gate's verdict and every override, its release history (approvals,
-rejections, deployments, rollbacks), and the audit log's records about it with the log's verification.
+They are built from the facts ``facts.gather`` collects about one adapter.
 
 ``model_card`` arranges it in the sections of Mitchell et al., "Model Cards for Model Reporting"
 (FAT* 2019): what the evidence cannot say (intended use, factors, ethical considerations the
@@ -18,21 +14,15 @@ its sources). Evidence that is missing is an open item under every control it wo
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import select
 
 from loraforge.errors import ConfigError
 from loraforge.files import write_text_atomic
-from loraforge.govern.audit import AuditLog, verify_audit_log
-from loraforge.govern.monitor import describe, production_record
-from loraforge.govern.release import Principal, history, in_scope, latest_evaluation
-from loraforge.registry.database import Registry
-from loraforge.registry.schema import Adapter, Deployment, Evaluation, Job
+from loraforge.govern.monitor import describe
 
 ASSETS = Path(__file__).with_name("assets")
 CONTROLS = ASSETS / "controls.yaml"
@@ -64,110 +54,6 @@ def load_controls(path: Path = CONTROLS) -> dict[str, Any]:
                 if control not in data["controls"][framework]:
                     raise ConfigError(f"{path}: evidence {item!r} names {framework} control {control!r}, not defined")
     return data
-
-
-def gather(
-    registry: Registry,
-    name: str,
-    *,
-    audit: AuditLog | None = None,
-    witness: dict[str, Any] | None = None,
-    who: Principal | None = None,
-) -> dict[str, Any]:
-    """Everything the registry (and the files it names) holds about adapter ``name``.
-
-    Raises:
-        ConfigError: no such adapter (or not one ``who`` may read).
-    """
-    with registry.reading() as s:
-        row = s.get(Adapter, name)
-        if row is None or (who is not None and not in_scope(who, row.tenant)):
-            raise ConfigError(f"no adapter {name!r}; `loraforge adapters list` shows them")
-        evaluations = s.scalars(
-            select(Evaluation).where(Evaluation.adapter == name).order_by(Evaluation.created_at)
-        ).all()
-        latest = latest_evaluation(s, name)
-        steps = history(s, name)
-        deployments = s.scalars(select(Deployment).where(Deployment.adapter == name).order_by(Deployment.id)).all()
-        job = s.get(Job, row.job_id) if row.job_id else None
-        adapter = {
-            "name": row.name,
-            "owner": row.tenant or "public",
-            "state": row.state,
-            "base_model": row.base_model,
-            "base_sha256": row.base_sha256,
-            "weights_sha256": row.weights_sha256,
-            "config_sha256": row.config_sha256,
-            "source": row.source,
-            "registered_at": row.added_at,
-            "created_by": row.created_by or {},
-            "job": row.job_id,
-            "governance_flags": list(row.governance_flags or []),
-            "governance_override": row.governance_override,
-            "release_override": row.release_override,
-        }
-        lineage = dict(row.lineage or {})
-        evaluation_rows = [
-            {
-                "id": e.id,
-                "verdict": e.verdict,
-                "policy": e.policy,
-                "headline": e.headline,
-                "report": e.report_path,
-                "created_at": e.created_at,
-            }
-            for e in evaluations
-        ]
-        latest_report = latest.report_path if latest is not None else None
-        routes = sorted({d.route for d in deployments})
-        deployment_rows = [
-            {
-                "route": d.route,
-                "action": d.action,
-                "actor": d.actor,
-                "reason": d.reason,
-                "from": d.created_at,
-                "until": d.ended_at,
-            }
-            for d in deployments
-        ]
-        monitoring = production_record(s, name)
-        job_row = (
-            {"id": job.id, "status": job.status, "created_by": job.created_by, "trained_tokens": job.trained_tokens}
-            if job
-            else None
-        )
-    report = _eval_json(latest_report)
-    audit_part: dict[str, Any] = {"available": False}
-    if audit is not None and audit.path.is_file():
-        targets = {name, *routes}
-        entries = [e for e in audit.entries() if e.get("target") in targets]
-        problems = verify_audit_log(audit.path, key_file=audit.key_file, witness=witness)
-        audit_part = {"available": True, "entries": entries, "problems": problems, "log": str(audit.path)}
-    return {
-        "generated_at": time.time(),
-        "adapter": adapter,
-        "lineage": lineage,
-        "job": job_row,
-        "evaluations": evaluation_rows,
-        "evaluation_report": report,
-        "history": steps,
-        "deployments": deployment_rows,
-        "monitoring": monitoring,
-        "audit": audit_part,
-    }
-
-
-def _eval_json(html: str | None) -> dict[str, Any] | None:
-    """``eval.json`` beside the evaluation's HTML report, when it is still there."""
-    if not html:
-        return None
-    path = Path(html).with_name("eval.json")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _metrics(report: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -307,12 +193,23 @@ def evidence(facts: dict[str, Any], notes: dict[str, Any] | None = None) -> list
         deployments,
         "never deployed: `loraforge deploy ROUTE ADAPTER` with an admin's key",
     )
+    guard = facts.get("guard") or {}
+    checks = {k: v for k, v in (guard.get("rules") or {}).items() if v.get("action") in ("block", "flag")}
+    inputs = ", ".join(
+        f"{k}: {v['action']}" + (f" at {v['threshold']:g}" if v.get("threshold") else "") for k, v in checks.items()
+    )
     add(
         "guardrail_policy",
-        False,
-        "",
-        None,
-        "no guardrail policy is configured for its routes: serving-time input and output checks are not in place",
+        False,  # the control asks for output checks too, which the server does not have yet
+        f"input checks in place ({inputs}; policy {str(guard.get('sha256'))[:12]})" if checks else "",
+        guard or None,
+        (
+            f"input checks are in place ({inputs}); output checks (moderation, personal data in answers, "
+            "training-data leaks) are not: the server has none yet"
+            if checks
+            else "no guardrail policy is configured for its routes: serving-time input and output checks are not "
+            "in place (`guard_policy` in the server's config checks inputs; see docs/guardrails.md)"
+        ),
     )
     monitoring = facts.get("monitoring") or {}
     add(

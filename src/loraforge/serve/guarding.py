@@ -58,6 +58,12 @@ class GuardPolicy:
     def rule(self, tenant: str, check: str) -> CheckPolicy:
         return self.tenants.get(tenant, {}).get(check) or self.default.get(check) or CheckPolicy()
 
+    def to_json(self) -> dict[str, Any]:
+        def rules(checks: dict[str, CheckPolicy]) -> dict[str, Any]:
+            return {k: {"action": v.action, "threshold": v.threshold} for k, v in checks.items()}
+
+        return {"default": rules(self.default), "tenants": {t: rules(c) for t, c in self.tenants.items()}}
+
     def active(self) -> bool:
         rules = [*self.default.values(), *(r for t in self.tenants.values() for r in t.values())]
         return any(r.action != "allow" for r in rules)

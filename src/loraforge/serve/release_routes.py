@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from loraforge.errors import ConfigError, ReleaseError
 from loraforge.govern.audit_witness import RegistryWitness
 from loraforge.govern.deploy import Deployments, bindings
+from loraforge.govern.facts import gather
 from loraforge.govern.monitor import summary
 from loraforge.govern.pilot import Pilots
 from loraforge.govern.release import READERS, Release, in_scope
 from loraforge.govern.report_html import render
-from loraforge.govern.reports import compliance_report, gather, model_card
+from loraforge.govern.reports import compliance_report, model_card
 from loraforge.govern.review import Reviews
 from loraforge.serve.api_errors import APIError
 from loraforge.serve.keys import KeyRecord

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from loraforge.data.licensing import load_policy
 from loraforge.errors import ConfigError
-from loraforge.files import private_directory
+from loraforge.files import private_directory, sha256_file
 from loraforge.govern.audit_witness import audit_log
 from loraforge.govern.deploy import Deployments
 from loraforge.govern.release import Release
@@ -162,6 +162,9 @@ def build_server(
     guard = None
     if config.guard_policy:
         policy = GuardPolicy.load(Path(config.guard_policy))
+        digest = sha256_file(Path(config.guard_policy))
+        # the policy in force, for the audit trail and the compliance report's guardrail evidence
+        audit.record("server", "guard.policy", f"guard-policy:{digest[:16]}", sha256=digest, **policy.to_json())
         guard = InputGuard(policy, audit=audit, metrics=metrics, run=engine.call, reviews=reviews)
         guard.start()
     service = InferenceService(
