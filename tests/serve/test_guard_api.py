@@ -211,3 +211,34 @@ def test_the_server_records_the_policy_it_loaded(guarded) -> None:  # type: igno
     details = loaded[0]["details"]
     assert details["sha256"] == sha256_file(guarded.home / "guard.yaml")
     assert details["tenants"]["tenant-b"]["prompt_injection"] == {"action": "flag", "threshold": 0.5}
+
+
+def test_a_changed_policy_applies_and_a_malformed_change_keeps_the_one_in_force(guarded) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import httpx
+
+    from loraforge.govern.audit import AuditLog
+
+    policy = guarded.home / "guard.yaml"
+    body = {"model": guarded.engine.model_id, "messages": [{"role": "user", "content": ATTACK}], "max_tokens": 4}
+
+    def ask() -> int:
+        headers = {"Authorization": f"Bearer {guarded.keys['a']}"}
+        return httpx.post(guarded.url + "/v1/chat/completions", json=body, headers=headers, timeout=60).status_code
+
+    def change(text: str) -> None:
+        policy.write_text(text)
+        time.sleep(1.2)  # the file is looked at once a second
+
+    try:
+        assert ask() == 400  # default: block
+        change(POLICY.replace("  prompt_injection: {action: block}", "  prompt_injection: {action: flag}"))
+        assert ask() == 200  # flagged now
+        loaded = [e for e in AuditLog(guarded.home).entries() if e["action"] == "guard.policy"]
+        assert loaded[-1]["details"]["default"]["prompt_injection"]["action"] == "flag"
+        change("default: [not, a, mapping]\n")
+        assert ask() == 200  # the malformed version is refused; the flag policy stays in force
+    finally:
+        change(POLICY)
+    assert ask() == 400

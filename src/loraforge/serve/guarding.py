@@ -1,7 +1,8 @@
 """Input guardrails in the server: a policy decides, per tenant, what a hit of a check does.
 
-The policy is a YAML file (``guard_policy`` in the server's config), read at start; a malformed one
-stops the start with its line::
+The policy is a YAML file (``guard_policy`` in the server's config), read at start and again when it
+changes; a malformed one stops the start with its line (a malformed change is logged and the
+policy in force kept)::
 
     default:
       prompt_injection: {action: block}            # block, flag or allow; threshold optional
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 import yaml
 
 from loraforge.errors import ConfigError
+from loraforge.files import sha256_file
 from loraforge.govern.audit import AuditLog
 from loraforge.govern.review import Reviews
 from loraforge.serve.api_errors import APIError
@@ -42,6 +45,12 @@ T = TypeVar("T")
 CHECKS = ("prompt_injection",)
 ACTIONS = ("block", "flag", "allow")
 SCREENED_ROLES = ("user", "tool", "function")
+RELOAD_CHECK_S = 1.0  # how often the policy file is looked at for changes
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -122,16 +131,20 @@ def _checks(node: yaml.Node, path: Path, where: str) -> dict[str, CheckPolicy]:
 
 
 class InputGuard:
-    """Screens requests' messages under ``policy``.
+    """Screens requests' messages under the policy in ``path``, read again when the file changes.
 
     Args:
         run: runs a function on the engine's thread and returns its result (``LocalEngine.call``).
         detector: builds the injection detector (default: the shipped one), called once at ``start``.
+
+    Raises:
+        ConfigError: the policy file is malformed (at start; a malformed change later is logged and
+            the policy in force kept).
     """
 
     def __init__(
         self,
-        policy: GuardPolicy,
+        path: Path,
         *,
         audit: AuditLog,
         metrics: Metrics,
@@ -139,13 +152,48 @@ class InputGuard:
         reviews: Reviews | None = None,
         detector: Callable[[], Any] | None = None,
     ) -> None:
-        self.policy = policy
+        self.path = path
         self.reviews = reviews
         self.audit = audit
         self.metrics = metrics
         self.run = run
         self._build = detector
         self.detector: Any = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = 0.0
+        self.policy = self._load()
+
+    def _load(self) -> GuardPolicy:
+        """Read the policy file and record it in the audit log (the policy in force, for the audit
+        trail and the compliance report's guardrail evidence)."""
+        stamp = _stamp(self.path)
+        policy = GuardPolicy.load(self.path)
+        digest = sha256_file(self.path)
+        self.audit.record("server", "guard.policy", f"guard-policy:{digest[:16]}", sha256=digest, **policy.to_json())
+        self._stamp = stamp
+        return policy
+
+    def current(self) -> GuardPolicy:
+        """The policy in force: the file is looked at once a second at most, and read again when it
+        changed (its inode, size or modification time). A malformed new version is logged, once,
+        and the policy in force kept."""
+        now = time.monotonic()
+        if now - self._checked < RELOAD_CHECK_S:
+            return self.policy
+        self._checked = now
+        try:
+            stamp = _stamp(self.path)
+        except OSError as e:
+            log.error("guard: cannot read the policy %s (%s); keeping the one in force", self.path, e)
+            return self.policy
+        if stamp != self._stamp:
+            try:
+                self.policy = self._load()
+                log.info("guard: policy %s reloaded", self.path)
+            except ConfigError as e:
+                self._stamp = stamp  # said once for this version of the file
+                log.error("guard: %s; keeping the policy in force", e)
+        return self.policy
 
     def start(self) -> None:
         """Load the detector now (a few seconds), so that the first request does not wait for it."""
@@ -161,11 +209,11 @@ class InputGuard:
         Raises:
             APIError: 400 ``content_policy_violation`` when a check blocks the request.
         """
-        rule = self.policy.rule(key.tenant, "prompt_injection")
+        rule = self.current().rule(key.tenant, "prompt_injection")
         texts = [(i, text) for i, (role, text) in enumerate(messages) if role in SCREENED_ROLES and text.strip()]
         if rule.action == "allow" or not texts:
             return
-        self.start()
+        await asyncio.to_thread(self.start)  # a policy changed to block or flag: the detector loads now
         detector = self.detector
         verdicts = await asyncio.to_thread(self.run, lambda: detector.check_many([t for _, t in texts]))
         threshold = detector.threshold if rule.threshold is None else rule.threshold

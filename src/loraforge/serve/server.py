@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from loraforge.data.licensing import load_policy
 from loraforge.errors import ConfigError
-from loraforge.files import private_directory, sha256_file
+from loraforge.files import private_directory
 from loraforge.govern.audit_witness import audit_log
 from loraforge.govern.deploy import Deployments
 from loraforge.govern.release import Release
@@ -34,7 +34,7 @@ from loraforge.serve.app import create_app
 from loraforge.serve.config import ServeConfig
 from loraforge.serve.engine import LocalEngine
 from loraforge.serve.forward import LlamaRunner
-from loraforge.serve.guarding import GuardPolicy, InputGuard
+from loraforge.serve.guarding import InputGuard
 from loraforge.serve.home_registry import home_registry
 from loraforge.serve.keys import KeyStore
 from loraforge.serve.limits import Limits, RateLimiter
@@ -161,11 +161,7 @@ def build_server(
     reviews = Reviews(registry, audit)
     guard = None
     if config.guard_policy:
-        policy = GuardPolicy.load(Path(config.guard_policy))
-        digest = sha256_file(Path(config.guard_policy))
-        # the policy in force, for the audit trail and the compliance report's guardrail evidence
-        audit.record("server", "guard.policy", f"guard-policy:{digest[:16]}", sha256=digest, **policy.to_json())
-        guard = InputGuard(policy, audit=audit, metrics=metrics, run=engine.call, reviews=reviews)
+        guard = InputGuard(Path(config.guard_policy), audit=audit, metrics=metrics, run=engine.call, reviews=reviews)
         guard.start()
     service = InferenceService(
         engine,
