@@ -11,8 +11,9 @@ recall per kind (direct, indirect, jailbreak) and false positives on hard negati
 - the detector (rules + embeddings + classifier, shipped weights) at its own threshold, and at
   other thresholds a policy may set (``OPERATING_POINTS``; they are shown, not chosen here).
 
-Latency: one user message (p50, p99 over 200 requests of 10 to 60 words), and a long document
-(~3,000 characters), with the embedder's threads as the server uses them.
+Latency: one user message (p50, p99 over 200 requests of 10 to 60 words), a long document (~3,000
+characters), and the fifth request of a conversation (its five user messages, the first four seen
+before), with and without the embedding cache.
 
     python bench/guard_eval.py
 
@@ -111,15 +112,33 @@ def main() -> None:
     long = []
     for _ in range(20):
         started = time.perf_counter()
-        detector.check(document)
+        detector.check_many([document], scope=f"document-{len(long)}")  # a new scope: no cached piece
         long.append((time.perf_counter() - started) * 1000)
+    # a conversation sends its earlier user messages again with every turn: the fifth request
+    conversations = [messages[i : i + 5] for i in range(0, 100, 5)]
+    turn5: dict[str, list[float]] = {"cache": [], "no cache": []}
+    for label, size in (("cache", 4096), ("no cache", 0)):
+        scorer = InjectionDetector(detector.model, detector.embedder, cache_size=size)
+        for n, conversation in enumerate(conversations):
+            for turn in range(1, 6):
+                started = time.perf_counter()
+                scorer.check_many(conversation[:turn], scope=f"tenant-{n}")
+                if turn == 5:
+                    turn5[label].append((time.perf_counter() - started) * 1000)
     latency = {
+        "conversation_turn5_p50_ms": round(statistics.median(turn5["cache"]), 2),
+        "conversation_turn5_no_cache_p50_ms": round(statistics.median(turn5["no cache"]), 2),
         "p50_ms": round(statistics.median(single), 2),
         "p99_ms": round(percentile(single, 0.99), 2),
         "document_3000_chars_p50_ms": round(statistics.median(long), 2),
     }
     print(f"\nlatency, one message of 10-60 words: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
     print(f"latency, a 3,000-character document: p50 {latency['document_3000_chars_p50_ms']} ms")
+    print(
+        f"latency, the fifth request of a conversation (five user messages): p50 "
+        f"{latency['conversation_turn5_p50_ms']} ms with the cache, {latency['conversation_turn5_no_cache_p50_ms']} ms "
+        "without"
+    )
     shipped = f"detector ({detector.threshold:.2f})"
     held = results["held-out families"][shipped]
     unseen = results["never-seen check set"][shipped]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ WINDOW_CHARS = 900  # about 200 tokens of English: within the embedder's 256
 OVERLAP_CHARS = 150
 MAX_WINDOWS = 16  # a longer text is scored on its first windows and its last one
 EXTRA_FEATURES = ("rules", "decoded", "changed")
+CACHE_SIZE = 4096  # embeddings of recent pieces kept (384 floats each: 6 MB)
 
 
 @dataclass
@@ -104,22 +107,62 @@ def feature_names(dim: int) -> list[str]:
 class InjectionDetector:
     """Scores texts; ``check`` one, ``check_many`` several with one embedding pass.
 
+    Embeddings of the pieces scored lately are kept (``cache_size`` of them, least recently used
+    out), per ``scope``: a conversation sends its earlier messages again with every turn, and only
+    the new one needs a forward pass. The server's scope is the tenant, so that one tenant's
+    latency says nothing about what another sent.
+
     Args:
         model: the classifier (default: the shipped weights).
         embedder: the sentence embedder (default: the process's shared one).
         threshold: overrides the model's own threshold (a policy's setting).
+        cache_size: embeddings kept (0: none).
     """
 
     def __init__(
-        self, model: LogisticModel | None = None, embedder: Embedder | None = None, threshold: float | None = None
+        self,
+        model: LogisticModel | None = None,
+        embedder: Embedder | None = None,
+        threshold: float | None = None,
+        cache_size: int = CACHE_SIZE,
     ) -> None:
         self.model = model or LogisticModel.load(WEIGHTS)
         self.embedder = embedder or shared_embedder()
         self.threshold = self.model.threshold if threshold is None else threshold
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.embedded = 0  # pieces that needed a forward pass (the others came from the cache)
 
-    def features(self, texts: list[str]) -> tuple[np.ndarray, list[int], list[tuple[list[Hit], list[str]]]]:
-        """One feature row per window of each text's views; returns (rows, the text of each row, per
-        text its rule hits and what it decoded)."""
+    def _embed(self, pieces: list[str], scope: str) -> np.ndarray:
+        """Embeddings of ``pieces``: from the cache where it has them, one forward pass for the rest."""
+        out = np.zeros((len(pieces), self.embedder.dim), dtype=np.float32)
+        with self._lock:
+            missing = []
+            for i, piece in enumerate(pieces):
+                hit = self._cache.get((scope, piece)) if self.cache_size else None
+                if hit is None:
+                    missing.append(i)
+                else:
+                    self._cache.move_to_end((scope, piece))
+                    out[i] = hit
+        if missing:
+            fresh = self.embedder.encode([pieces[i] for i in missing])
+            self.embedded += len(missing)
+            with self._lock:
+                for i, row in zip(missing, fresh, strict=True):
+                    out[i] = row
+                    if self.cache_size:
+                        self._cache[(scope, pieces[i])] = row.copy()
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+    def features(
+        self, texts: list[str], scope: str = ""
+    ) -> tuple[np.ndarray, list[int], list[tuple[list[Hit], list[str]]]]:
+        """One feature row per piece (window or sentence) of each text's views; returns (rows, the
+        text of each row, per text its rule hits and what it decoded). ``scope``: whose cache."""
         pieces: list[str] = []
         owners: list[int] = []
         extras: list[list[float]] = []
@@ -134,12 +177,12 @@ class InjectionDetector:
                     pieces.append(piece)
                     owners.append(i)
                     extras.append(extra)
-        embeddings = self.embedder.encode(pieces) if pieces else np.zeros((0, self.embedder.dim), np.float32)
+        embeddings = self._embed(pieces, scope)
         rows = np.concatenate([embeddings, np.asarray(extras, dtype=np.float32).reshape(len(pieces), -1)], axis=1)
         return rows, owners, found
 
-    def check_many(self, texts: list[str]) -> list[Verdict]:
-        rows, owners, found = self.features(texts)
+    def check_many(self, texts: list[str], scope: str = "") -> list[Verdict]:
+        rows, owners, found = self.features(texts, scope)
         scores = self.model.probability(rows) if len(rows) else np.zeros(0, np.float32)
         best = np.zeros(len(texts), dtype=np.float32)
         counts = np.zeros(len(texts), dtype=np.int64)

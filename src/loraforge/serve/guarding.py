@@ -215,7 +215,9 @@ class InputGuard:
             return
         await asyncio.to_thread(self.start)  # a policy changed to block or flag: the detector loads now
         detector = self.detector
-        verdicts = await asyncio.to_thread(self.run, lambda: detector.check_many([t for _, t in texts]))
+        verdicts = await asyncio.to_thread(
+            self.run, lambda: detector.check_many([t for _, t in texts], scope=key.tenant)
+        )
         threshold = detector.threshold if rule.threshold is None else rule.threshold
         score, index = max((v.score, i) for v, (i, _) in zip(verdicts, texts, strict=True))
         if score < threshold:
