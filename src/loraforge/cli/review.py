@@ -18,10 +18,10 @@ from rich.table import Table
 
 from loraforge.cli.options import DatabaseUrl, Home
 from loraforge.cli.output import console
+from loraforge.cli.pilot import Json
 from loraforge.cli.release import Key, Reason, context
 
 review_app = typer.Typer(help="The review queue of guard blocks and flags.", no_args_is_help=True)
-Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _reviews(home: Path | None, url: str | None, key: str | None) -> tuple[Any, Any]:

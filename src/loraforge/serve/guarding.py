@@ -213,7 +213,8 @@ class InputGuard:
         texts = [(i, text) for i, (role, text) in enumerate(messages) if role in SCREENED_ROLES and text.strip()]
         if rule.action == "allow" or not texts:
             return
-        await asyncio.to_thread(self.start)  # a policy changed to block or flag: the detector loads now
+        if self.detector is None:  # a policy changed to block or flag: the detector loads now
+            await asyncio.to_thread(self.start)
         detector = self.detector
         verdicts = await asyncio.to_thread(
             self.run, lambda: detector.check_many([t for _, t in texts], scope=key.tenant)
