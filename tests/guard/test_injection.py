@@ -258,3 +258,10 @@ def test_a_conversations_earlier_messages_come_from_the_cache_per_scope(detector
     small = InjectionDetector(detector.model, detector.embedder, cache_size=2)
     small.check_many(turns, scope="acme")
     assert len(small._cache) == 2  # least recently used out
+
+
+def test_cli_names_a_missing_file(tmp_path: Path) -> None:
+    from loraforge.cli import app
+
+    result = CliRunner().invoke(app, ["guard", "scan", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2 and "does not exist" in result.output

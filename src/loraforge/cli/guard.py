@@ -23,7 +23,9 @@ guard_app = typer.Typer(help="Guardrails: the prompt-injection and jailbreak det
 Threshold = Annotated[
     float | None, typer.Option(help="Flag at or above this score (default: the model's own threshold).")
 ]
-Weights = Annotated[Path | None, typer.Option(help="A detector trained by `loraforge guard train` (JSON).")]
+Weights = Annotated[
+    Path | None, typer.Option(exists=True, dir_okay=False, help="A detector trained by `loraforge guard train` (JSON).")
+]
 
 
 def _detector(weights: Path | None, threshold: float | None):  # type: ignore[no-untyped-def]
@@ -61,7 +63,15 @@ def check(
 
 @guard_app.command("scan")
 def scan(
-    file: Annotated[Path, typer.Argument(help="JSON lines, each with a `text` field (and optionally `role`).")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="JSON lines, each with a `text` field (and optionally `role`).",
+        ),
+    ],
     threshold: Threshold = None,
     weights: Weights = None,
     batch: Annotated[int, typer.Option(min=1, help="Lines scored together.")] = 64,
@@ -107,7 +117,8 @@ def scan(
 def train(
     out: Annotated[Path, typer.Option(help="Where to write the detector (JSON).")] = Path("injection.json"),
     extra: Annotated[
-        list[Path] | None, typer.Option(help="JSON lines of your own examples: text, label (1: an attack).")
+        list[Path] | None,
+        typer.Option(exists=True, dir_okay=False, help="JSON lines of your own examples: text, label (1: an attack)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="The same seed gives the same weights.")] = 0,
     limit: Annotated[int | None, typer.Option(help="At most this many examples a split (a quick trial).")] = None,
